@@ -1,0 +1,14 @@
+"""Evaluate a diss checkpoint: single scale, crops, multi-scale-flip (see `--help`).
+
+    python diss/evaluate.py --ckpt res/diss/model_final.pth --mode ss msf
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from lib.evaluate_cmd import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(default_ckpt="res/diss/model_final.pth", model_name="diss")

@@ -1,0 +1,1 @@
+"""Shared pieces of the BiSeNet repository: data, losses, schedules, training, evaluation."""

@@ -1,0 +1,166 @@
+"""Checkpoints: atomic writes, safe loading, and building a model from a checkpoint file.
+
+A checkpoint written by this repository is a dict::
+
+    {"model": "bisenetv2", "n_classes": 19, "state_dict": {...}, "class_names": [...],
+     "mean": [...], "std": [...], "iteration": 1234, "config": {...},
+     "optimizer": {...}, "scheduler": {...}, "scaler": {...}}   # the last three for resuming
+
+A bare state dict, such as the published ``model_final_v2_city.pth``, is accepted wherever a
+checkpoint is: the model name and class count are then inferred from its keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib.models import (
+    MODEL_NAMES,
+    build_model,
+    infer_model_name,
+    infer_n_classes,
+    strip_module_prefix,
+)
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = "checkpoint_iter{:07d}.pth"
+_CHECKPOINT_RE = re.compile(r"checkpoint_iter(\d+)\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used, with the reason and the path in the message."""
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
+    """Write ``checkpoint`` so that a crash at any moment leaves either the old file or the new one.
+
+    The data goes to a temporary file in the same folder, is flushed to disk, and is then renamed
+    over ``path`` (a rename within one file system is atomic).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint (or a bare state dict) on the CPU with ``weights_only=True``.
+
+    Always returns the checkpoint form: a bare state dict is wrapped as ``{"state_dict": ...}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle of arbitrary objects, not a torch file ...
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); the file is "
+            "truncated, corrupt, or not a PyTorch state dict"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if "state_dict" not in obj:
+        obj = {"state_dict": obj}
+    state_dict = obj["state_dict"]
+    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} does not contain a state dict of tensors")
+    obj["state_dict"] = strip_module_prefix(state_dict)
+    return obj
+
+
+def describe_checkpoint(
+    checkpoint: dict[str, Any], path: str | Path, model_name: str | None = None,
+    n_classes: int | None = None,
+) -> tuple[str, int]:
+    """Return (model name, class count) of ``checkpoint``, checking them against what was asked."""
+    state_dict = checkpoint["state_dict"]
+    try:
+        found_name = checkpoint.get("model") or infer_model_name(state_dict)
+        found_classes = int(checkpoint.get("n_classes") or infer_n_classes(state_dict))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a BiSeNet checkpoint of this repository ({exc}); "
+            f"known models: {', '.join(MODEL_NAMES)}"
+        ) from exc
+    if model_name is not None and model_name != found_name:
+        raise CheckpointError(
+            f"{path} holds a {found_name} model, but {model_name} was requested"
+        )
+    if n_classes is not None and n_classes != found_classes:
+        raise CheckpointError(
+            f"{path} has {found_classes} classes, but {n_classes} were requested "
+            "(use --finetune-from to start from weights with another class count)"
+        )
+    return found_name, found_classes
+
+
+def load_model(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    model_name: str | None = None,
+    n_classes: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model stored in ``path``, load its weights strictly, and put it in eval mode.
+
+    Returns the model and the checkpoint dict (without the weights) for its metadata.
+    """
+    checkpoint = load_checkpoint(path)
+    name, classes = describe_checkpoint(checkpoint, path, model_name, n_classes)
+    state_dict = checkpoint.pop("state_dict")
+    has_aux = any(k.startswith(("aux", "conv_out16", "conv_out32")) for k in state_dict)
+    model = build_model(name, classes, aux_heads=has_aux)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights in {path} do not fit a {name} model: {exc}") from exc
+    checkpoint["model"], checkpoint["n_classes"] = name, classes
+    return model.to(device).eval(), checkpoint
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Periodic checkpoints in ``folder``, oldest iteration first."""
+    folder = Path(folder)
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint_iter*.pth")
+             if (m := _CHECKPOINT_RE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` periodic checkpoints."""
+    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+
+
+def latest_usable_checkpoint(folder: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest periodic checkpoint that loads; damaged ones are reported and skipped."""
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            logger.warning("skipping unusable checkpoint: %s", exc)
+    return None

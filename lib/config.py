@@ -1,0 +1,187 @@
+"""The one configuration mechanism: a dataclass of hyper-parameters, overridable from the CLI.
+
+Each model folder defines its recipe as a ``TrainConfig`` with the paper's (or the seed's) values;
+``parse_config`` turns every field into a command-line option whose default is the recipe's value::
+
+    python bisenetv2/train.py --max-iter 1000 --batch-size 8 --lr 0.01
+
+Options are spelled with dashes; the underscore spellings of the seed's scripts are accepted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lib.cityscapes import MEAN, STD
+
+
+def _opt(default, help: str, **kwargs):  # noqa: A002 - mirrors argparse's keyword
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = _opt("bisenetv2", "model to train: bisenetv1, bisenetv2 or diss")
+    pretrained: str = _opt(
+        "none", "ImageNet backbone weights: a file, 'auto' (download or local cache) or 'none'"
+    )
+    # data
+    dataset: str = _opt(
+        "cityscapes",
+        "'cityscapes' (official tree under --data-root), 'list' (--train-list/--val-list "
+        "annotation files) or 'folders' (<root>/images/<split>, <root>/labels/<split>)",
+    )
+    data_root: str = _opt("data", "dataset root folder")
+    train_list: str | None = _opt(None, "annotation list of the training split (image,label)")
+    val_list: str | None = _opt(None, "annotation list of the validation split")
+    n_classes: int = _opt(19, "number of classes (labels 0..n-1; the ignore index is separate)")
+    ignore_index: int = _opt(255, "label value excluded from loss and metrics")
+    label_map: str | None = _opt(
+        None, "JSON or CSV file mapping raw label values to train ids (Cityscapes: built in)"
+    )
+    class_names: str | None = _opt(None, "file with one class name per line")
+    mean: tuple[float, float, float] = _opt(MEAN, "RGB normalisation mean of [0, 1] images")
+    std: tuple[float, float, float] = _opt(STD, "RGB normalisation std of [0, 1] images")
+    generate_toy: bool = _opt(False, "generate the toy Cityscapes dataset if --data-root is empty")
+    # augmentation
+    crop_size: tuple[int, int] = _opt((512, 1024), "training crop height and width")
+    scale_range: tuple[float, float] = _opt((0.25, 2.0), "random scale range of the full image")
+    jitter: float = _opt(0.4, "brightness, contrast and saturation jitter strength")
+    # optimisation
+    max_iter: int = _opt(150_000, "training iterations")
+    batch_size: int = _opt(16, "global batch size, split evenly over all processes")
+    lr: float = _opt(5e-2, "base learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "weight decay (not applied to BatchNorm weights and biases)")
+    head_lr_mult: float = _opt(10.0, "learning-rate multiplier of the output heads")
+    warmup_iter: int = _opt(1000, "warm-up iterations")
+    warmup_ratio: float = _opt(0.1, "learning rate at the first iteration, as a fraction of --lr")
+    poly_power: float = _opt(0.9, "power of the poly decay")
+    ohem_thresh: float = _opt(0.7, "OHEM: keep pixels whose probability of the truth is below this")
+    aux_weight: float = _opt(1.0, "weight of each auxiliary (booster) loss")
+    fp16: bool = _opt(False, "mixed precision: fp16 autocast + GradScaler on CUDA, bf16 on CPU")
+    sync_bn: bool = _opt(True, "SyncBatchNorm when training with several CUDA processes")
+    # run
+    device: str = _opt("auto", "auto, cuda or cpu")
+    num_workers: int = _opt(4, "data-loading workers per process")
+    seed: int = _opt(0, "seed of the data order, augmentation and initialisation")
+    output_dir: str = _opt("", "folder for checkpoints and logs (default: res/<model>)")
+    log_every: int = _opt(50, "log every N iterations")
+    checkpoint_every: int = _opt(5000, "write a checkpoint every N iterations (0: only the last)")
+    keep_checkpoints: int = _opt(3, "how many periodic checkpoints to keep")
+    resume: str | None = _opt(None, "resume from a checkpoint file, or 'auto' for the latest")
+    finetune_from: str | None = _opt(
+        None, "initialise from a model file (class layers re-initialised on a class-count change)"
+    )
+    check_data: bool = _opt(True, "check every label file before training starts")
+    # evaluation after training
+    eval_at_end: bool = _opt(True, "evaluate on the validation split when training ends")
+    eval_modes: tuple[str, ...] = _opt(("ss",), "evaluation modes: ss ssc msf mscf")
+
+    def resolved_output_dir(self) -> str:
+        return self.output_dir or f"res/{self.model}"
+
+
+def _argument_for(f: dataclasses.Field, default) -> tuple[list[str], dict]:
+    names = [f"--{f.name.replace('_', '-')}"]
+    if "_" in f.name:
+        names.append(f"--{f.name}")
+    kwargs: dict = {"default": default, "help": f"{f.metadata['help']} (default: %(default)s)"}
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif origin is tuple:
+        args = typing.get_args(hint)
+        kwargs["type"] = args[0]
+        kwargs["nargs"] = "+" if args[-1] is Ellipsis else len(args)
+    elif origin in (typing.Union, types.UnionType):  # "X | None"
+        kwargs["type"] = next(a for a in typing.get_args(hint) if a is not type(None))
+    else:
+        kwargs["type"] = hint
+    return names, kwargs
+
+
+def build_parser(recipe: TrainConfig, description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for f in dataclasses.fields(TrainConfig):
+        names, kwargs = _argument_for(f, getattr(recipe, f.name))
+        parser.add_argument(*names, **kwargs)
+    # Passed by the legacy torch.distributed.launch; the environment carries the same value.
+    parser.add_argument("--local-rank", "--local_rank", type=int, default=0,
+                        help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_config(
+    recipe: TrainConfig,
+    argv: Sequence[str] | None = None,
+    description: str = "",
+    presets: dict[str, TrainConfig] | None = None,
+) -> TrainConfig:
+    """Parse the command line on top of ``recipe``.
+
+    ``presets`` maps a flag (e.g. ``quickstart``) to an alternative recipe; ``--quickstart`` then
+    switches every default to that recipe, and further options still override it.
+    """
+    presets = presets or {}
+    pre = argparse.ArgumentParser(add_help=False)
+    for name in presets:
+        pre.add_argument(f"--{name}", action="store_true")
+    known, rest = pre.parse_known_args(argv)
+    chosen = [name for name in presets if getattr(known, name)]
+    if len(chosen) > 1:
+        raise SystemExit(f"choose one of --{', --'.join(chosen)}")
+    base = presets[chosen[0]] if chosen else recipe
+    parser = build_parser(base, description)
+    for name in presets:
+        parser.add_argument(f"--{name}", action="store_true", help=f"use the {name} recipe")
+    args = parser.parse_args(rest)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    cfg = TrainConfig(**values)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Reject values that would otherwise fail late or silently train the wrong thing."""
+    from lib.models import MODEL_NAMES
+
+    def fail(msg: str) -> None:
+        raise ValueError(msg)
+
+    if cfg.model not in MODEL_NAMES:
+        fail(f"--model {cfg.model!r} is not one of {', '.join(MODEL_NAMES)}")
+    if cfg.dataset not in ("cityscapes", "list", "folders"):
+        fail(f"--dataset {cfg.dataset!r} must be cityscapes, list or folders")
+    if cfg.n_classes < 1:
+        fail(f"--n-classes must be positive, got {cfg.n_classes}")
+    if 0 <= cfg.ignore_index < cfg.n_classes:
+        fail(f"--ignore-index {cfg.ignore_index} is a valid class id (0..{cfg.n_classes - 1}); "
+             "choose a value outside that range, such as 255")
+    if cfg.max_iter < 1 or cfg.batch_size < 1:
+        fail("--max-iter and --batch-size must be positive")
+    if cfg.warmup_iter >= cfg.max_iter:
+        fail(f"--warmup-iter ({cfg.warmup_iter}) must be smaller than --max-iter ({cfg.max_iter})")
+    if not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
+        fail(f"--scale-range {cfg.scale_range} must be two increasing positive numbers")
+    if min(cfg.crop_size) < 32:
+        fail(f"--crop-size {cfg.crop_size} is too small (at least 32x32)")
+    if cfg.lr <= 0:
+        fail(f"--lr must be positive, got {cfg.lr}")
+    if any(s <= 0 for s in cfg.std):
+        fail(f"--std {cfg.std} must be positive")
+    bad_modes = set(cfg.eval_modes) - {"ss", "ssc", "msf", "mscf"}
+    if bad_modes:
+        fail(f"unknown --eval-modes {sorted(bad_modes)}: use ss, ssc, msf, mscf")

@@ -1,0 +1,134 @@
+"""The command line of every ``evaluate.py``: load a checkpoint, run the evaluator, print the table.
+
+    python evaluate.py                                   # res/model_final.pth, single scale
+    python evaluate.py --ckpt res/bisenetv2/model_final.pth --mode ss ssc msf mscf
+    torchrun --nproc_per_node=2 evaluate.py --ckpt ... --mode msf
+    python evaluate.py --ckpt ... --split test --save-pred res/test_pred   # server submission
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lib import distributed
+from lib.checkpoint import CheckpointError, load_model
+from lib.cityscapes import TRAIN_ID_TO_LABEL_ID
+from lib.config import TrainConfig
+from lib.data import build_dataset, dataset_info, prepare_dataset
+from lib.evaluator import evaluate, format_iou_table, iou_from_confusion
+from lib.logger import setup_logging
+from lib.models import MODEL_NAMES
+
+logger = logging.getLogger("bisenet")
+
+DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def build_parser(default_ckpt: str, model_name: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    data_defaults = TrainConfig()
+    parser.add_argument("--ckpt", "--weight-path", default=default_ckpt,
+                        help="checkpoint or published state dict (default: %(default)s)")
+    if model_name is None:
+        parser.add_argument("--model", choices=MODEL_NAMES, default=None,
+                            help="model of a bare state dict (inferred from its keys if omitted)")
+    parser.add_argument("--mode", nargs="+", default=["ss"], choices=["ss", "ssc", "msf", "mscf"],
+                        help="ss: single scale; ssc: + sliding crops; msf: multi-scale + flip; "
+                             "mscf: both (default: %(default)s)")
+    parser.add_argument("--scales", nargs="+", type=float, default=list(DEFAULT_SCALES),
+                        help="scales of msf/mscf (default: %(default)s)")
+    parser.add_argument("--crop-size", nargs=2, type=int, default=[1024, 1024],
+                        help="crop height and width of ssc/mscf (default: %(default)s)")
+    parser.add_argument("--crop-overlap", type=float, default=1 / 3,
+                        help="overlap of neighbouring crops, as a fraction (default: 1/3)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="add horizontal flips in msf/mscf (default: on)")
+    parser.add_argument("--crop-batch", type=int, default=8, help="crops per forward pass")
+    parser.add_argument("--split", default="val", help="val, test (no labels) or train")
+    parser.add_argument("--dataset", default=data_defaults.dataset,
+                        choices=["cityscapes", "list", "folders"])
+    parser.add_argument("--data-root", default=data_defaults.data_root)
+    parser.add_argument("--val-list", default=None, help="annotation list (with --dataset list)")
+    parser.add_argument("--label-map", default=None,
+                        help="JSON/CSV raw label -> train id map (custom data)")
+    parser.add_argument("--save-pred", default=None, metavar="DIR",
+                        help="write one label PNG per image (Cityscapes: labelIds, benchmark "
+                             "layout <city>/<name>_leftImg8bit.png)")
+    parser.add_argument("--save-colour", action="store_true",
+                        help="with --save-pred, also write colourised predictions")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--num-workers", type=int, default=4)
+    # Passed by the legacy torch.distributed.launch; the environment carries the same value.
+    parser.add_argument("--local-rank", "--local_rank", type=int, default=0,
+                        help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final.pth",
+         model_name: str | None = None) -> dict[str, Any]:
+    args = build_parser(default_ckpt, model_name).parse_args(argv)
+    dist_info = distributed.init_distributed(args.device)
+    setup_logging(None, dist_info.rank)
+    try:
+        return _run(args, dist_info, model_name or args.model)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        logger.error("%s", exc)
+        raise SystemExit(1) from None
+    finally:
+        distributed.cleanup_distributed()
+
+
+def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[str, Any]:
+    model, meta = load_model(args.ckpt, dist_info.device, model_name)
+    saved = meta.get("config") or {}
+    cfg = replace(
+        TrainConfig(),
+        model=meta["model"],
+        n_classes=meta["n_classes"],
+        dataset=args.dataset,
+        data_root=args.data_root,
+        val_list=args.val_list,
+        label_map=args.label_map or saved.get("label_map"),
+        class_names=saved.get("class_names"),
+        ignore_index=int(meta.get("ignore_index", 255)),
+        mean=tuple(meta.get("mean", TrainConfig().mean)),
+        std=tuple(meta.get("std", TrainConfig().std)),
+        num_workers=args.num_workers,
+    )
+    if dist_info.is_main:
+        prepare_dataset(cfg)
+    distributed.barrier()
+    info = dataset_info(cfg, meta.get("class_names"))
+    dataset = build_dataset(cfg, args.split, train=False)
+    if dist_info.is_main:
+        logger.info("%s (%d classes) from %s on %d %s images, modes %s", meta["model"],
+                    meta["n_classes"], args.ckpt, len(dataset), args.split, " ".join(args.mode))
+    is_cityscapes = cfg.dataset == "cityscapes" and cfg.n_classes == 19
+    results = evaluate(
+        model, dataset, cfg.n_classes, modes=tuple(args.mode), scales=tuple(args.scales),
+        crop_size=tuple(args.crop_size), crop_overlap=args.crop_overlap, flip=args.flip,
+        crop_batch=args.crop_batch, device=dist_info.device, ignore_index=cfg.ignore_index,
+        save_pred_dir=args.save_pred, save_colour=args.save_colour,
+        label_to_id=TRAIN_ID_TO_LABEL_ID if is_cityscapes else None,
+        palette=np.asarray(info.palette, np.uint8), progress=dist_info.is_main,
+    )
+    summary: dict[str, Any] = {}
+    labelled = any(int(conf.sum()) > 0 for conf in results.values())
+    if dist_info.is_main:
+        if labelled:
+            print(format_iou_table(results, info.class_names))
+            summary = {mode: iou_from_confusion(conf)[1] for mode, conf in results.items()}
+        else:
+            logger.info("split %s has no labels: predictions only", args.split)
+        if args.save_pred:
+            logger.info("predictions written to %s", Path(args.save_pred).resolve())
+    return summary

@@ -1,0 +1,52 @@
+"""Single-image inference helpers shared by training (example prediction), demo and tools."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from lib.visualize import colourise
+
+
+def normalise(image_rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> 1x3xHxW float tensor normalised with ``mean``/``std`` of [0, 1] images."""
+    if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image_rgb.dtype} "
+                         f"{image_rgb.shape}")
+    scale = np.float32(1 / 255)
+    mean_arr = np.asarray(mean, np.float32)
+    std_arr = np.asarray(std, np.float32)
+    chw = ((image_rgb.astype(np.float32) * scale - mean_arr) / std_arr).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(chw)).unsqueeze(0)
+
+
+@torch.inference_mode()
+def predict_labels(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Arg-max class map [N, H, W] of a normalised batch, at the batch's resolution."""
+    was_training = model.training
+    model.eval()
+    logits = model(images)
+    model.train(was_training)
+    return logits.argmax(1)
+
+
+def save_example_prediction(
+    model: nn.Module, dataset, index: int, path: str | Path, palette: np.ndarray,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """Write the input image and its colourised prediction side by side to ``path``."""
+    image, _ = dataset[index]
+    pred = predict_labels(model, image.unsqueeze(0).to(device))[0].cpu().numpy()
+    original = cv2.imread(str(dataset.pairs[index][0]), cv2.IMREAD_COLOR)
+    colour = colourise(pred.astype(np.uint8), palette)
+    side_by_side = np.concatenate([original, colour[..., ::-1]], axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), side_by_side):
+        raise OSError(f"could not write {path}")
+    return path
