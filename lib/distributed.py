@@ -32,7 +32,7 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return dist.is_available() and dist.is_initialized()
 
 
 def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
@@ -59,7 +59,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch_device = select_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    # A launcher (torchrun, torch.distributed.launch) sets RANK; then a process group is made even
+    # for one process, so that the DDP/SyncBN/NCCL code paths run exactly as they do with many.
+    if "RANK" in os.environ and not dist.is_initialized():
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
             dist.init_process_group("nccl", device_id=torch_device)

@@ -32,6 +32,10 @@ DOWNLOAD_TIMEOUT_S = 20.0
 _V2_BRANCHES = ("detail", "segment")
 
 
+class PretrainedWeightsError(RuntimeError):
+    """Backbone weights that cannot be found, downloaded or loaded; the message says what to do."""
+
+
 def hub_checkpoint_dir() -> Path:
     """Folder where torch hub keeps downloaded weights (honours ``TORCH_HOME``)."""
     return Path(torch.hub.get_dir()) / "checkpoints"
@@ -50,8 +54,8 @@ def load_pretrained_backbone(model: nn.Module, spec: str | None, model_name: str
 
     Raises:
         FileNotFoundError: ``spec`` is a path that does not exist.
-        RuntimeError: ``auto`` could neither find nor download the weights, or the file's keys or
-            shapes do not fit the backbone (the message names them).
+        PretrainedWeightsError: ``auto`` could neither find nor download the weights, or the
+            file's keys or shapes do not fit the backbone (the message names them).
     """
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -111,14 +115,16 @@ def _cached_or_downloaded(url: str, file_names: tuple[str, ...], what: str) -> P
                 check_hash=True, file_name=file_names[0], weights_only=True,
             )
     except Exception as exc:  # URLError, timeouts, HTTP errors, hash mismatch, read-only cache
-        raise RuntimeError(
+        raise PretrainedWeightsError(
             f"--pretrained auto: {what}: not in the local cache, and downloading {url} "
             f"failed ({type(exc).__name__}: {exc}). Put that file at {target} "
             "(the folder follows $TORCH_HOME), or pass --pretrained PATH with a local copy, "
             "or pass --pretrained none to train from scratch."
         ) from exc
     if not target.is_file():
-        raise RuntimeError(f"--pretrained auto: download of {url} left no file at {target}")
+        raise PretrainedWeightsError(
+            f"--pretrained auto: download of {url} left no file at {target}"
+        )
     return target
 
 
@@ -126,13 +132,13 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(
+        raise PretrainedWeightsError(
             f"cannot read pretrained weights {path} ({type(exc).__name__}: {exc})"
         ) from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise RuntimeError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise PretrainedWeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return strip_module_prefix(obj)
 
 
@@ -158,7 +164,7 @@ def _check_keys(
     if wrong:
         problems.append(f"shape mismatch {_short(wrong)}")
     if problems:
-        raise RuntimeError(f"{path} is not {what}: " + "; ".join(problems))
+        raise PretrainedWeightsError(f"{path} is not {what}: " + "; ".join(problems))
 
 
 def _short(items: list[str], limit: int = 8) -> str:

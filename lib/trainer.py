@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -40,7 +41,7 @@ from lib.loss import OhemCrossEntropy
 from lib.lr_scheduler import WarmupPolyLR
 from lib.models import build_model
 from lib.optim import build_optimizer
-from lib.pretrained import load_pretrained_backbone
+from lib.pretrained import PretrainedWeightsError, load_pretrained_backbone
 from lib.sampler import InfiniteShardedSampler
 
 logger = logging.getLogger("bisenet")
@@ -123,14 +124,21 @@ def _resume_state(cfg: TrainConfig, out_dir: Path) -> tuple[Path, dict] | None:
     return Path(cfg.resume), load_checkpoint(cfg.resume)
 
 
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The current learning rate without the heads' multiplier."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_mult", 1.0)
+
+
 def _log_progress(it, cfg, optimizer, sums, names, count, elapsed):
     means = (sums / max(count, 1)).tolist()
     per_head = " ".join(f"{n}={v:.4f}" for n, v in zip(names, means[1:], strict=False))
     sec_per_it = elapsed / max(count, 1)
     eta = sec_per_it * (cfg.max_iter - it)
     logger.info(
-        "iter %d/%d | lr %.6f | loss %.4f (%s) | %.3f s/it | eta %s",
-        it, cfg.max_iter, optimizer.param_groups[0]["lr"], means[0], per_head, sec_per_it,
+        "iter %d/%d | lr %.6g | samples %d | loss %.4f (%s) | %.3f s/it | eta %s",
+        it, cfg.max_iter, base_lr(optimizer), it * cfg.batch_size, means[0],
+        per_head, sec_per_it,
         time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.1f} h",
     )
 
@@ -151,6 +159,10 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, out_dir: Path) -> 
     world = dist_info.world_size
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
+    if cfg.batch_size // world < 2:
+        # BatchNorm on the pooled 1x1 context features needs two samples per process.
+        raise ValueError(f"--batch-size {cfg.batch_size} gives {cfg.batch_size // world} image "
+                         f"per process; at least 2 are needed")
     torch.manual_seed(cfg.seed)
     if dist_info.is_main:
         logger.info("config: %s", dataclasses.asdict(cfg))
@@ -168,15 +180,14 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, out_dir: Path) -> 
     model = build_model(cfg.model, cfg.n_classes, aux_heads=True)
     resume = _resume_state(cfg, out_dir)
     start_iter = 0
-    if resume is None:
+    # DDP copies rank 0's weights to every rank, so only rank 0 reads (or downloads) them.
+    if resume is None and dist_info.is_main:
         if cfg.finetune_from:
-            message = load_finetune_weights(model, cfg.finetune_from, cfg.n_classes)
+            logger.info(load_finetune_weights(model, cfg.finetune_from, cfg.n_classes))
         else:
-            message = load_pretrained_backbone(model, cfg.pretrained, cfg.model)
-        if dist_info.is_main:
-            logger.info(message)
+            logger.info(load_pretrained_backbone(model, cfg.pretrained, cfg.model))
     model.to(device)
-    if world > 1 and device.type == "cuda" and cfg.sync_bn:
+    if dist_info.distributed and device.type == "cuda" and cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -203,7 +214,7 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, out_dir: Path) -> 
         del checkpoint
 
     ddp_model: nn.Module = model
-    if world > 1:
+    if dist_info.distributed:
         ddp_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -300,7 +311,7 @@ def _train_loop(cfg, dist_info, out_dir, info, model, ddp_model, loader, criteri
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
-    return {"iterations": it, "final_lr": optimizer.param_groups[0]["lr"]}
+    return {"iterations": it, "final_lr": base_lr(optimizer)}
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -337,6 +348,7 @@ def _evaluate_at_end(cfg, dist_info, out_dir, info, model) -> dict[str, Any]:
     return summary
 
 
+@record  # under torchrun, a failing rank's traceback is shown in the launcher's summary
 def main(recipe: TrainConfig, argv=None, description: str = "",
          presets: dict[str, TrainConfig] | None = None) -> dict[str, Any]:
     """Entry point of the per-model ``train.py`` scripts."""
@@ -348,7 +360,8 @@ def main(recipe: TrainConfig, argv=None, description: str = "",
         return train(cfg)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    except (TrainingDiverged, CheckpointError) as exc:
+    except (TrainingDiverged, CheckpointError, PretrainedWeightsError, ValueError,
+            FileNotFoundError) as exc:
         logger.error("%s", exc)
         raise SystemExit(1) from None
 

@@ -1,0 +1,35 @@
+"""Compute the RGB mean and std of a dataset's training images, for --mean/--std.
+
+    python tools/compute_mean_std.py --dataset folders --data-root my_data
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+
+from lib.config import TrainConfig  # noqa: E402
+from lib.data import dataset_pairs  # noqa: E402
+from lib.dataset_check import compute_mean_std  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="cityscapes",
+                        choices=["cityscapes", "list", "folders"])
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--train-list", default=None)
+    parser.add_argument("--split", default="train")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, train_list=args.train_list)
+    pairs = dataset_pairs(cfg, args.split)
+    mean, std = compute_mean_std([image for image, _ in pairs], progress=True)
+    print(f"{len(pairs)} images")
+    print(f"--mean {' '.join(map(str, mean))} --std {' '.join(map(str, std))}")
+
+
+if __name__ == "__main__":
+    main()
