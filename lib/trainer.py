@@ -354,7 +354,10 @@ def main(recipe: TrainConfig, argv=None, description: str = "",
     """Entry point of the per-model ``train.py`` scripts."""
     from lib.config import parse_config
 
-    cfg = parse_config(recipe, argv, description, presets)
+    try:
+        cfg = parse_config(recipe, argv, description, presets)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     os.makedirs(cfg.resolved_output_dir(), exist_ok=True)
     try:
         return train(cfg)

@@ -1,0 +1,262 @@
+"""Segmentation datasets: Cityscapes, annotation lists and image/label folders.
+
+Every dataset is a list of (image, label) file pairs read by :class:`SegmentationDataset`, which
+maps raw label values to train ids with a lookup table and checks what it reads: an unreadable
+image, a size mismatch, a colour label or a label value that is not a class fails with the file
+named, never later as a CUDA assert in the loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lib.cityscapes import CLASS_NAMES, LABEL_ID_TO_TRAIN_ID, PALETTE, find_cityscapes_pairs
+from lib.transforms import EvalTransform, TrainTransform
+from lib.visualize import make_palette
+
+Pair = tuple[Path, Path | None]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class SegmentationDataset(Dataset):
+    """Reads image/label pairs; ``dataset[i]`` or ``dataset[(i, seed)]`` -> (image, label).
+
+    ``image`` is a normalised float32 [3, H, W] tensor, ``label`` an int64 [H, W] tensor of train
+    ids (all ``ignore_index`` when the pair has no label, e.g. Cityscapes' test split). With a
+    ``(index, seed)`` item the transform draws its randomness from ``seed``.
+    """
+
+    def __init__(self, pairs: Sequence[Pair], transform, label_lut: np.ndarray | None = None,
+                 n_classes: int = 19, ignore_index: int = 255) -> None:
+        if not pairs:
+            raise ValueError("the dataset is empty: no image/label pairs were found")
+        self.pairs = list(pairs)
+        self.transform = transform
+        self.label_lut = label_lut
+        self.n_classes = n_classes
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image_path, label_path = self.pairs[index]
+        image = read_image(image_path)
+        if label_path is None:
+            label = np.full(image.shape[:2], self.ignore_index, np.uint8)
+        else:
+            label = self.read_label(label_path, image.shape[:2], image_path)
+        rng = np.random.default_rng(seed) if seed is not None else None
+        return self.transform(image, label, rng)
+
+    def read_label(self, path: Path, image_size: tuple[int, int], image_path: Path) -> np.ndarray:
+        label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if label is None:
+            raise ValueError(f"cannot read label {path} (missing, corrupt or not an image)")
+        if label.ndim != 2 or label.dtype != np.uint8:
+            raise ValueError(
+                f"label {path} is {label.dtype} with shape {label.shape}: labels must be "
+                "single-channel 8-bit PNGs of class ids (Cityscapes: *_gtFine_labelIds.png, "
+                "not the colour *_color.png)"
+            )
+        if label.shape != image_size:
+            raise ValueError(f"label {path} is {label.shape[1]}x{label.shape[0]} but image "
+                             f"{image_path} is {image_size[1]}x{image_size[0]}")
+        if self.label_lut is not None:
+            label = cv2.LUT(label, self.label_lut)
+        # cheap per-sample guard: a value that is neither a class nor ignore crashes the loss
+        values = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
+        bad = [int(v) for v in values if v >= self.n_classes and v != self.ignore_index]
+        if bad:
+            raise ValueError(
+                f"label {path} has values {bad[:10]} outside 0..{self.n_classes - 1} that are not "
+                f"the ignore index {self.ignore_index}; check --n-classes, --ignore-index and "
+                "--label-map (tools/check_dataset.py lists every such file)"
+            )
+        return label
+
+
+def read_image(path: Path) -> np.ndarray:
+    """HxWx3 uint8 RGB; OpenCV's silent None for unreadable files becomes an error naming it."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read image {path} (missing, corrupt or not an image)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_annotation_list(path: str | Path, root: str | Path) -> list[Pair]:
+    """Pairs from a file of ``image_path,label_path`` lines, relative to ``root``.
+
+    Windows line endings and backslash separators are accepted; blank lines are skipped.
+    """
+    path, root = Path(path), Path(root)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation list not found: {path}")
+    pairs: list[Pair] = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"{path}:{number}: expected 'image_path,label_path', got {line!r}")
+            image, label = (root / Path(*PureWindowsPath(p).parts) for p in parts)
+            for kind, file in (("image", image), ("label", label)):
+                if not file.is_file():
+                    raise FileNotFoundError(f"{path}:{number}: {kind} {file} does not exist")
+            pairs.append((image, label))
+    if not pairs:
+        raise ValueError(f"annotation list {path} is empty")
+    return pairs
+
+
+def find_folder_pairs(image_dir: str | Path, label_dir: str | Path) -> list[Pair]:
+    """Pairs of same-named files in two folders (the label is a PNG of the image's stem).
+
+    A label may also carry a suffix after the image's stem (``x.jpg`` with ``x_label.png``).
+    """
+    image_dir, label_dir = Path(image_dir), Path(label_dir)
+    for folder in (image_dir, label_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"folder not found: {folder}")
+    images = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise ValueError(f"no images in {image_dir}")
+    labels = {p.relative_to(label_dir).with_suffix("").as_posix(): p
+              for p in label_dir.rglob("*.png")}
+    pairs, missing = [], []
+    for image in images:
+        stem = image.relative_to(image_dir).with_suffix("").as_posix()
+        label = labels.get(stem) or next(
+            (p for key, p in labels.items() if key.startswith(stem + "_")), None)
+        if label is None:
+            missing.append(str(image))
+        pairs.append((image, label))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no label in "
+                                f"{label_dir}, e.g. {', '.join(missing[:3])}")
+    return pairs
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """Lookup table (256,) uint8 from a JSON ``{"raw": train_id}`` or CSV ``raw,train_id`` file.
+
+    Raw values not listed map to 255 (ignore).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label map not found: {path}")
+    if path.suffix.lower() == ".json":
+        items = list(json.loads(path.read_text()).items())
+    else:
+        with open(path, newline="") as f:
+            items = [tuple(row) for row in csv.reader(f) if row and not row[0].startswith("#")]
+    lut = np.full(256, 255, np.uint8)
+    for raw, train_id in items:
+        try:
+            raw_value, train_value = int(raw), int(train_id)
+        except ValueError:
+            raise ValueError(f"{path}: {raw!r} -> {train_id!r} is not an integer pair") from None
+        if not (0 <= raw_value < 256 and 0 <= train_value < 256):
+            raise ValueError(f"{path}: {raw_value} -> {train_value} is outside 0..255")
+        lut[raw_value] = train_value
+    return lut
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets from a TrainConfig (used by the trainer, the evaluate command and the tools)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the code needs to know about a dataset's classes."""
+
+    class_names: tuple[str, ...]
+    palette: np.ndarray  # (n_classes, 3) uint8 RGB
+    label_lut: np.ndarray | None  # raw label value -> train id; None when labels are train ids
+
+
+def dataset_info(cfg, class_names: Sequence[str] | None = None) -> DatasetInfo:
+    """Class names, colours and label mapping of ``cfg``'s dataset."""
+    if cfg.dataset == "cityscapes":
+        if cfg.n_classes != len(CLASS_NAMES):
+            raise ValueError(f"--dataset cityscapes has {len(CLASS_NAMES)} classes but "
+                             f"--n-classes is {cfg.n_classes}")
+        return DatasetInfo(CLASS_NAMES, PALETTE, LABEL_ID_TO_TRAIN_ID)
+    if class_names is None and cfg.class_names:
+        class_names = read_class_names(cfg.class_names)
+    if class_names is not None and len(class_names) != cfg.n_classes:
+        raise ValueError(f"{len(class_names)} class names given for {cfg.n_classes} classes")
+    names = tuple(class_names) if class_names else tuple(
+        f"class {i}" for i in range(cfg.n_classes))
+    lut = read_label_map(cfg.label_map) if cfg.label_map else None
+    return DatasetInfo(names, make_palette(cfg.n_classes), lut)
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class names file not found: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def dataset_pairs(cfg, split: str) -> list[Pair]:
+    """The file pairs of ``split`` for ``cfg.dataset`` (cityscapes, list or folders)."""
+    root = Path(cfg.data_root)
+    if cfg.dataset == "cityscapes":
+        return find_cityscapes_pairs(root, split)
+    if cfg.dataset == "list":
+        listed = {"train": cfg.train_list, "val": cfg.val_list}.get(split)
+        if not listed:
+            raise ValueError(f"--dataset list needs --{split}-list for the {split} split")
+        return read_annotation_list(listed, root)
+    return find_folder_pairs(root / "images" / split, root / "labels" / split)
+
+
+def build_dataset(cfg, split: str, train: bool, check_labels: bool = False
+                  ) -> SegmentationDataset:
+    """The dataset of ``split``; ``check_labels`` scans every label first (see dataset_check)."""
+    info = dataset_info(cfg)
+    pairs = dataset_pairs(cfg, split)
+    if check_labels:
+        from lib.dataset_check import check_pairs
+
+        report = check_pairs(pairs, cfg.n_classes, cfg.ignore_index, info.label_lut, split=split)
+        if report.problems:
+            shown = "\n  ".join(str(p) for p in report.problems[:20])
+            raise ValueError(f"{len(report.problems)} problem(s) in the {split} split "
+                             f"(python tools/check_dataset.py shows them all):\n  {shown}")
+    if train:
+        transform = TrainTransform(cfg.crop_size, cfg.scale_range, jitter=cfg.jitter,
+                                   mean=cfg.mean, std=cfg.std, ignore_index=cfg.ignore_index)
+    else:
+        transform = EvalTransform(cfg.mean, cfg.std)
+    return SegmentationDataset(pairs, transform, info.label_lut, cfg.n_classes, cfg.ignore_index)
+
+
+def prepare_dataset(cfg) -> None:
+    """Generate the toy dataset when asked to and ``cfg.data_root`` holds none yet."""
+    from lib.toy_cityscapes import generate_toy_cityscapes
+
+    root = Path(cfg.data_root)
+    if cfg.generate_toy and not (root / "leftImg8bit").is_dir():
+        logging.getLogger("bisenet").info("generating the toy Cityscapes dataset in %s", root)
+        generate_toy_cityscapes(root)
+
+
+def worker_init(worker_id: int) -> None:
+    """One thread per data-loading worker: the parallelism comes from the workers."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
