@@ -21,6 +21,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 # Cityscapes label ids used by the toy scenes
 ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = (
@@ -158,16 +159,16 @@ def draw_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.nd
             ph = scale * h * rng.uniform(0.8, 1.1)
             side = rng.choice([-1, 1])
             px = vanish_x + side * (half_road + rng.uniform(0.05, 0.2) * w)
-            c.ellipse(foot - 0.4 * ph, px, 0.4 * ph, 0.11 * ph, PERSON)
-            c.ellipse(foot - 0.88 * ph, px, 0.1 * ph, 0.08 * ph, PERSON)
+            c.ellipse(foot - 0.4 * ph, px, 0.4 * ph, 0.15 * ph, PERSON)
+            c.ellipse(foot - 0.88 * ph, px, 0.11 * ph, 0.1 * ph, PERSON)
         else:
             top = foot - scale * h * rng.uniform(1.3, 1.8)
             side = rng.choice([-1, 1])
             px = vanish_x + side * (half_road + rng.uniform(0.02, 0.1) * w)
-            half = max(1.5 * u, scale * 0.012 * w)
+            half = max(2.5 * u, scale * 0.02 * w)
             c.rect(top, foot, px - half, px + half, POLE)
             if rng.random() < 0.7:
-                radius = max(4 * u, scale * 0.06 * h)
+                radius = max(6 * u, scale * 0.09 * h)
                 c.ellipse(top, px, radius, radius, SIGN)
                 c.ellipse(top, px, 0.6 * radius, 0.6 * radius, SIGN, c.colour())
 
@@ -225,3 +226,33 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def colour_baseline_miou(root: str | Path) -> tuple[float, np.ndarray]:
+    """mIoU (over classes present in val) of labelling each pixel with the class whose mean
+    colour, measured on the train split, is nearest; and that per-class IoU."""
+    from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
+    from lib.evaluator import iou_from_confusion
+
+    def load(split):
+        for image_path, label_path in find_cityscapes_pairs(root, split):
+            image = cv2.imread(str(image_path), cv2.IMREAD_COLOR).reshape(-1, 3).astype(np.float64)
+            label = LABEL_ID_TO_TRAIN_ID[cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)]
+            yield image, label.ravel()
+
+    sums, counts = np.zeros((19, 3)), np.zeros(19)
+    for image, label in load("train"):
+        valid = label < 19
+        np.add.at(sums, label[valid], image[valid])
+        counts += np.bincount(label[valid], minlength=19)
+    seen = counts > 0
+    means = sums[seen] / counts[seen, None]
+    class_ids = np.flatnonzero(seen)
+    confusion = np.zeros((19, 19), np.int64)
+    for image, label in load("val"):
+        nearest = ((image[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+        pred = class_ids[nearest]
+        valid = label < 19
+        confusion += np.bincount(label[valid] * 19 + pred[valid], minlength=361).reshape(19, 19)
+    iou, miou = iou_from_confusion(torch.from_numpy(confusion))
+    return miou, iou
