@@ -1,4 +1,4 @@
-"""Warm-up followed by poly decay, stepped once per iteration."""
+"""Warm-up followed by poly decay, stepped once per iteration (seed tip 6: 1000 warm-up iters)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ class WarmupPolyLR(LRScheduler):
 
     Warm-up (``it < warmup_iter``) rises from ``warmup_ratio`` to 1, exponentially
     (``ratio ** (1 - it / warmup_iter)``) or linearly; then ``(1 - progress) ** power`` decays to 0
-    at ``max_iter``, progress counted from the end of the warm-up.
+    at ``max_iter`` (and stays 0 after it), progress counted from the end of the warm-up.
+    The base lr of a group is its initial ``lr``, which already includes the group's ``lr_mult``
+    (see :func:`lib.optim.build_optimizer`). Being an ``LRScheduler``, its ``state_dict`` resumes.
     """
 
     def __init__(self, optimizer: Optimizer, max_iter: int, warmup_iter: int = 1000,
@@ -23,11 +25,14 @@ class WarmupPolyLR(LRScheduler):
             raise ValueError(f"warmup_iter ({warmup_iter}) must be in [0, max_iter={max_iter})")
         if not 0 < warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must be in (0, 1], got {warmup_ratio}")
+        if power <= 0:
+            raise ValueError(f"power must be positive, got {power}")
         self.max_iter, self.warmup_iter = max_iter, warmup_iter
         self.warmup_ratio, self.warmup, self.power = warmup_ratio, warmup, power
         super().__init__(optimizer, last_epoch)
 
     def factor(self, it: int) -> float:
+        """The multiplier of the base learning rates at iteration ``it``."""
         if it < self.warmup_iter:
             progress = it / self.warmup_iter
             if self.warmup == "exp":

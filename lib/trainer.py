@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,10 @@ from lib.pretrained import PretrainedWeightsError, load_pretrained_backbone
 from lib.sampler import InfiniteShardedSampler
 
 logger = logging.getLogger("bisenet")
+
+# The GradScaler skips the optimizer step on overflow while the schedule still advances one
+# iteration, which is intended; PyTorch warns about that order on the first skipped step.
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
 
 # After this many consecutive steps skipped by the GradScaler, the run is not recovering by itself.
 MAX_SKIPPED_STEPS = 100
@@ -215,8 +220,11 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, out_dir: Path) -> 
 
     ddp_model: nn.Module = model
     if dist_info.distributed:
+        # gradients as views of the all-reduce buckets: no copy, and no stride mismatch with
+        # channels-last weights
         ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
         )
 
     sampler = InfiniteShardedSampler(len(train_set), cfg.batch_size, dist_info.rank, world,
@@ -255,6 +263,9 @@ def _train_loop(cfg, dist_info, out_dir, info, model, ddp_model, loader, criteri
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         while it < cfg.max_iter:
+            # Randomness inside the model (dropout) depends only on (seed, rank, iteration), so
+            # that a resumed run continues exactly as an uninterrupted one would have.
+            torch.manual_seed(iteration_seed(cfg.seed, dist_info.rank, it))
             images, labels = next(batches)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -312,6 +323,10 @@ def _train_loop(cfg, dist_info, out_dir, info, model, ddp_model, loader, criteri
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
     return {"iterations": it, "final_lr": base_lr(optimizer)}
+
+
+def iteration_seed(seed: int, rank: int, iteration: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + iteration) % (2**63)
 
 
 def _raise_keyboard_interrupt(signum, frame):

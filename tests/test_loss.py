@@ -8,7 +8,7 @@ from lib.loss import OhemCrossEntropy
 
 
 def _reference(logits, labels, thresh=0.7, ignore=255):
-    """Straightforward per-pixel loop over numpy arrays."""
+    """Straightforward per-pixel loop in float64; also says which branch was taken."""
     logits, labels = logits.double().numpy(), labels.numpy()
     losses = []
     for n in range(labels.shape[0]):
@@ -22,31 +22,69 @@ def _reference(logits, labels, thresh=0.7, ignore=255):
     losses = np.sort(np.array(losses))[::-1]
     n_min = max(1, len(losses) // 16)
     hard = losses[losses > -math.log(thresh)]
-    return (hard if len(hard) >= n_min else losses[:n_min]).mean()
+    if len(hard) >= n_min:
+        return hard.mean(), "threshold"
+    return losses[:n_min].mean(), "min_kept"
 
 
-@pytest.mark.parametrize("scale", [3.0, 0.05])  # many hard pixels / almost none (min-kept branch)
-def test_matches_reference_in_both_branches(scale):
-    torch.manual_seed(0)
-    logits = torch.randn(2, 4, 6, 7) * scale
-    labels = torch.randint(0, 4, (2, 6, 7))
-    labels[0, :2] = 255
-    if scale < 1:  # make most pixels easy: their class gets a big logit
-        logits.scatter_(1, labels.clamp(max=3).unsqueeze(1), 10.0)
-        labels[1, 0, :3] = (logits[1, :, 0, :3].argmin(0))  # a few hard ones
+def _batch(easy: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 5, 12, 10, generator=gen) * 3
+    labels = torch.randint(0, 5, (2, 12, 10), generator=gen)
+    labels[0, :3] = 255  # some ignored pixels
+    labels[1, 5, 2:7] = 255
+    if easy:  # nearly every pixel confidently right; a handful (fewer than n_min) wrong
+        logits = torch.randn(2, 5, 12, 10, generator=gen) * 0.1
+        logits.scatter_(1, labels.clamp(max=4).unsqueeze(1), 8.0)
+        logits[1, :, 0, :3] = torch.tensor([8.0, 0, 0, 0, 0]).unsqueeze(1)
+        labels[1, 0, :3] = 3
+    return logits, labels
+
+
+@pytest.mark.parametrize(("easy", "branch"), [(False, "threshold"), (True, "min_kept")])
+def test_matches_reference_in_both_branches(easy, branch):
+    logits, labels = _batch(easy)
+    expected, taken = _reference(logits, labels)
+    assert taken == branch  # the data really exercises the intended branch
     loss = OhemCrossEntropy()(logits, labels)
-    assert loss.item() == pytest.approx(_reference(logits, labels), rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_flows_only_through_kept_pixels():
+    logits, labels = _batch(easy=True)
+    logits.requires_grad_(True)
+    OhemCrossEntropy()(logits, labels).backward()
+    touched = logits.grad.abs().sum(1) > 0
+    n_valid = int((labels != 255).sum())
+    assert int(touched.sum()) == n_valid // 16  # exactly the min-kept pixels
+    assert not touched[labels == 255].any()
 
 
 def test_all_ignored_batch_is_zero_with_gradient():
     logits = torch.randn(1, 3, 4, 4, requires_grad=True)
     loss = OhemCrossEntropy()(logits, torch.full((1, 4, 4), 255))
+    assert loss.requires_grad and not torch.isnan(loss)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
 
-def test_half_precision_logits_are_computed_in_float32():
-    logits = torch.randn(1, 3, 4, 4)
-    labels = torch.randint(0, 3, (1, 4, 4))
+def test_low_precision_logits_and_autocast_use_float32():
+    logits, labels = _batch(easy=False)
+    expected, _ = _reference(logits.bfloat16().float(), labels)
     criterion = OhemCrossEntropy()
-    assert criterion(logits.bfloat16(), labels).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = criterion(logits.bfloat16(), labels)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_label_outside_classes_is_a_clear_error():
+    logits, labels = _batch(easy=False)
+    labels[0, 5, 5] = 7  # 5 classes, not the ignore index
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        OhemCrossEntropy()(logits, labels)
+
+
+def test_bad_threshold():
+    with pytest.raises(ValueError, match="threshold"):
+        OhemCrossEntropy(thresh=1.5)

@@ -56,3 +56,30 @@ def test_bad_arguments():
         WarmupPolyLR(_optimizer(), 10, 10)
     with pytest.raises(ValueError, match="'cosine'"):
         WarmupPolyLR(_optimizer(), 10, 2, warmup="cosine")
+
+
+def test_no_warmup_starts_at_base_lr_and_stays_zero_after_max_iter():
+    opt = _optimizer()
+    sched = WarmupPolyLR(opt, 20, warmup_iter=0)
+    lrs = []
+    for _ in range(25):
+        lrs.append(opt.param_groups[1]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 1.0
+    assert lrs[7] == pytest.approx((1 - 7 / 20) ** 0.9)
+    assert lrs[20:] == [0.0] * 5
+
+
+def test_group_lr_mult_is_kept_through_the_initial_lr():
+    from lib.optim import build_optimizer
+
+    model = torch.nn.Conv2d(2, 2, 1)
+    model.head_modules = lambda: [model]
+    opt = build_optimizer(model, lr=0.01)
+    sched = WarmupPolyLR(opt, 100, 10, 0.1)
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    expected = 0.1 * _expected(30)  # 10x head multiplier on 0.01
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([expected, expected])

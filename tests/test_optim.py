@@ -35,3 +35,45 @@ def test_model_without_heads_gets_no_multiplied_group():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     opt = build_optimizer(model, lr=0.01)
     assert {g["lr"] for g in opt.param_groups} == {0.01}
+
+
+class HeadWithNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 3, bias=False)
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4),
+                                  nn.Conv2d(4, 2, 1))
+        self.frozen = nn.Conv2d(2, 2, 1)
+        self.frozen.requires_grad_(False)
+
+    def head_modules(self):
+        return [self.head]
+
+
+def test_head_norm_params_get_10x_lr_without_decay_and_empty_groups_are_dropped():
+    model = HeadWithNorm()
+    opt = build_optimizer(model, lr=0.02, weight_decay=1e-4)
+    groups = {(g["lr"], g["weight_decay"], g["lr_mult"]): {id(p) for p in g["params"]}
+              for g in opt.param_groups}
+    # body has no 1-D parameter, so its no-decay group is empty and absent
+    assert groups == {
+        (0.02, 1e-4, 1.0): {id(model.body.weight)},
+        (0.2, 1e-4, 10.0): {id(model.head[0].weight), id(model.head[2].weight)},
+        (0.2, 0.0, 10.0): {id(model.head[1].weight), id(model.head[1].bias),
+                           id(model.head[2].bias)},
+    }
+
+
+def test_real_model_parameters_are_partitioned():
+    from lib.models import build_model
+
+    model = build_model("bisenetv2", 19)
+    opt = build_optimizer(model, lr=0.01)
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    head_ids = {id(p) for m in model.head_modules() for p in m.parameters()}
+    assert head_ids  # the model names its heads
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert group["lr"] == (0.1 if id(p) in head_ids else 0.01)
+            assert group["weight_decay"] == (5e-4 if p.ndim > 1 else 0.0)

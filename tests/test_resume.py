@@ -1,0 +1,87 @@
+"""No lost work: a run killed with SIGKILL and resumed ends exactly like an uninterrupted run;
+damaged checkpoints are skipped; Ctrl-C saves a checkpoint. Real processes and files."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lib.checkpoint import list_checkpoints, load_checkpoint
+from lib.toy_cityscapes import generate_toy_cityscapes
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    return generate_toy_cityscapes(tmp_path_factory.mktemp("toy"), n_train=6, n_val=2,
+                                   height=64, width=128)
+
+
+def _command(toy_root, out, *extra):
+    return [sys.executable, "bisenetv2/train.py", "--data-root", str(toy_root), "--device", "cpu",
+            "--output-dir", str(out), "--crop-size", "64", "128", "--max-iter", "10",
+            "--warmup-iter", "2", "--batch-size", "2", "--num-workers", "0", "--log-every", "1",
+            "--checkpoint-every", "2", "--keep-checkpoints", "2", "--no-eval-at-end", *extra]
+
+
+def _run(cmd):
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _run_until(cmd, line_start, sig):
+    """Start ``cmd``, send ``sig`` once a line starting with ``line_start`` appears."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line_start in line:
+            proc.send_signal(sig)
+            break
+    lines.extend(proc.stdout)
+    return proc.wait(timeout=120), "".join(lines)
+
+
+def _lrs(log):
+    return [line.split("| lr ")[1].split(" |")[0] for line in log.splitlines() if "| lr " in line]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(toy_root, tmp_path):
+    reference_log = _run(_command(toy_root, tmp_path / "ref"))
+    reference = load_checkpoint(tmp_path / "ref" / "model_final.pth")
+
+    kill_at = int(np.random.default_rng().integers(3, 9))  # a random iteration
+    code, killed_log = _run_until(_command(toy_root, tmp_path / "run"), f"iter {kill_at}/10",
+                                  signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not (tmp_path / "run" / "model_final.pth").exists()
+    # the newest checkpoint is damaged (a crash while copying it, a full disk...): it is skipped
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    resumed_log = _run(_command(toy_root, tmp_path / "run", "--resume", "auto"))
+    assert "skipping unusable checkpoint" in resumed_log and newest.name in resumed_log
+    final = load_checkpoint(tmp_path / "run" / "model_final.pth")
+
+    assert final["iteration"] == reference["iteration"] == 10
+    start = int(resumed_log.split("at iteration ")[1].split()[0])
+    assert _lrs(resumed_log) == _lrs(reference_log)[start:]
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(value, final["state_dict"][key]), key
+
+
+def test_ctrl_c_saves_a_checkpoint_before_exiting(toy_root, tmp_path):
+    code, log = _run_until(_command(toy_root, tmp_path / "int", "--checkpoint-every", "0"),
+                           "iter 3/10", signal.SIGINT)
+    assert code == 130, log
+    saved = list_checkpoints(tmp_path / "int")
+    assert len(saved) == 1 and load_checkpoint(saved[0])["iteration"] >= 3
+    assert "optimizer" in load_checkpoint(saved[0])
