@@ -22,13 +22,11 @@ from lib.checkpoint import CheckpointError, load_model
 from lib.cityscapes import TRAIN_ID_TO_LABEL_ID
 from lib.config import TrainConfig
 from lib.data import build_dataset, dataset_info, prepare_dataset
-from lib.evaluator import evaluate, format_iou_table, iou_from_confusion
+from lib.evaluator import DEFAULT_SCALES, evaluate, format_iou_table, iou_from_confusion
 from lib.logger import setup_logging
 from lib.models import MODEL_NAMES
 
 logger = logging.getLogger("bisenet")
-
-DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def build_parser(default_ckpt: str, model_name: str | None) -> argparse.ArgumentParser:

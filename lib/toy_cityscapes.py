@@ -141,7 +141,7 @@ def draw_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.nd
         objects.append(("car", horizon + rng.uniform(0.15, 0.5) * h))
     for _ in range(rng.integers(1, 4)):
         objects.append(("person", horizon + rng.uniform(0.1, 0.45) * h))
-    for _ in range(rng.integers(1, 3)):
+    for _ in range(rng.integers(2, 4)):
         objects.append(("pole", horizon + rng.uniform(0.1, 0.4) * h))
     for kind, foot in sorted(objects, key=lambda o: o[1]):
         scale = (foot - horizon) / h + 0.15
@@ -156,7 +156,7 @@ def draw_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.nd
                 c.ellipse(foot - 0.25 * ch, wheel_x, 0.25 * ch, 0.12 * cw, CAR,
                           np.full(3, 25.0, np.float32))
         elif kind == "person":
-            ph = scale * h * rng.uniform(0.8, 1.1)
+            ph = scale * h * rng.uniform(1.0, 1.3)
             side = rng.choice([-1, 1])
             px = vanish_x + side * (half_road + rng.uniform(0.05, 0.2) * w)
             c.ellipse(foot - 0.4 * ph, px, 0.4 * ph, 0.15 * ph, PERSON)
@@ -165,10 +165,10 @@ def draw_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.nd
             top = foot - scale * h * rng.uniform(1.3, 1.8)
             side = rng.choice([-1, 1])
             px = vanish_x + side * (half_road + rng.uniform(0.02, 0.1) * w)
-            half = max(2.5 * u, scale * 0.02 * w)
+            half = max(4 * u, scale * 0.03 * w)
             c.rect(top, foot, px - half, px + half, POLE)
-            if rng.random() < 0.7:
-                radius = max(6 * u, scale * 0.09 * h)
+            if rng.random() < 0.8:
+                radius = max(9 * u, scale * 0.12 * h)
                 c.ellipse(top, px, radius, radius, SIGN)
                 c.ellipse(top, px, 0.6 * radius, 0.6 * radius, SIGN, c.colour())
 

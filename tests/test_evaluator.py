@@ -393,9 +393,9 @@ def test_unlabelled_split_gives_predictions_only(tmp_path):
 
 def test_model_mode_is_restored_and_ddp_like_wrappers_are_unwrapped():
     model = conv_net().train()
-    wrapped = nn.DataParallel(model)
-    evaluate(wrapped, random_dataset(n=1), C, **EVAL_OPTS)
-    assert model.training
+    wrapped = nn.DataParallel(model)  # moves the model to the first GPU when there is one
+    results = evaluate(wrapped, random_dataset(n=1), C, **dict(EVAL_OPTS, device=None))
+    assert model.training and int(results["ss"].sum()) > 0
 
 
 def _free_port() -> int:

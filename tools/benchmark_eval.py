@@ -1,6 +1,6 @@
 """Time the four evaluation protocols (ss, ssc, msf, mscf) on random full-size images.
 
-    python tools/benchmark_eval.py                          # BiSeNetV2, 1 image 1024x2048, all modes
+    python tools/benchmark_eval.py                # BiSeNetV2, one 1024x2048 image, all modes
     python tools/benchmark_eval.py --n 3 --device cuda
     python tools/benchmark_eval.py --size 512 1024 --modes ss msf
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print("timed: predict_probs + argmax (forwards, softmax, resizing, crop stitching); "
           "not timed: image loading/normalisation, host-to-device copy, metrics")
     memory = "peak CUDA MiB" if first["device"].startswith("cuda") else "peak RSS growth MiB"
-    print(tabulate([[r["mode"], f"{r['seconds']:.3f}", r["forwards"], f"{r['mpix']:.1f}",
+    print(tabulate([[r["mode"], f"{r['seconds']:.3f}", r["forwards"], f"{r['mpix']:.2f}",
                      f"{r['peak_mib']:.0f}"] for r in rows],
                    headers=["mode", "s / image", "net forwards", "Mpx through net", memory],
                    tablefmt="github"))
