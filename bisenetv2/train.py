@@ -29,18 +29,21 @@ RECIPE = TrainConfig(
     warmup_iter=1000,
 )
 
-# A few minutes on a laptop CPU: the toy Cityscapes dataset (generated on first use) at 256x512.
+# About 8 minutes on a 2-core laptop CPU: the toy Cityscapes dataset (generated on first use,
+# 128x256 images). The heads' 10x learning rate is left out: on 150 small images it overshoots.
 QUICKSTART = replace(
     RECIPE,
     data_root="data/toy_cityscapes",
     generate_toy=True,
-    crop_size=(256, 512),
-    scale_range=(0.5, 1.5),
-    max_iter=600,
+    crop_size=(128, 256),
+    scale_range=(0.75, 1.5),
+    max_iter=800,
     batch_size=8,
+    lr=3e-2,
+    head_lr_mult=1.0,
     warmup_iter=50,
     num_workers=2,
-    log_every=20,
+    log_every=50,
     checkpoint_every=200,
     output_dir="res/quickstart",
 )

@@ -46,7 +46,8 @@ def resize_to(x: torch.Tensor, size: torch.Size | tuple[int, int], mode: str) ->
     ``mode`` is ``"nearest"`` or ``"bilinear"`` (the latter with ``align_corners=False``).
     """
     size = tuple(size[-2:])
-    if tuple(x.shape[-2:]) == size:
+    # (a traced graph must not bake in the shortcut: the sizes differ for other inputs)
+    if not torch.jit.is_tracing() and tuple(x.shape[-2:]) == size:
         return x
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")

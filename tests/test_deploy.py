@@ -1,0 +1,61 @@
+import pytest
+import torch
+from torch import nn
+
+from lib.deploy import InferenceModel, fold_all_batchnorms, to_inference_form
+from lib.models import MODEL_NAMES, build_model
+
+
+def _randomise_batchnorms(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_inference_form_equals_eval_model(name):
+    torch.manual_seed(0)
+    model = build_model(name, 5, aux_heads=True)
+    _randomise_batchnorms(model)
+    model.eval()
+    deploy = to_inference_form(model)
+    remaining = sum(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+    assert remaining == (1 if name == "bisenetv2" else 0)  # V2's pooled-vector BN has no conv
+    assert not any(k.startswith(("aux", "conv_out16", "conv_out32"))
+                   for k in deploy.state_dict())
+    x = torch.randn(1, 3, 67, 131)
+    with torch.inference_mode():
+        want = model(x)
+        got = deploy(x.contiguous(memory_format=torch.channels_last))
+        frozen = InferenceModel(model, jit=True)(x)
+    scale = want.abs().max()
+    assert (got - want).abs().max() / scale < 1e-4
+    assert (frozen - want).abs().max() / scale < 1e-4
+    assert model.training is False and any(k.startswith(("aux", "conv_out16"))
+                                           for k in model.state_dict())  # original untouched
+
+
+def test_fold_counts_and_keeps_unfoldable_batchnorm():
+    # V2's context embedding normalises a pooled vector with no conv before it: it stays
+    model = build_model("bisenetv2", 19, aux_heads=False).eval()
+    with torch.no_grad():
+        folded = fold_all_batchnorms(model)
+    remaining = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert folded > 40 and len(remaining) == 1
+
+
+def test_reduced_precision_is_close_and_fp16_needs_cuda():
+    model = build_model("bisenetv2", 4, aux_heads=False).eval()
+    x = torch.randn(1, 3, 64, 128)
+    with torch.inference_mode():
+        want = model(x)
+    got = InferenceModel(model, precision="bf16", jit=False)(x)
+    assert got.dtype == torch.float32
+    assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.9
+    with pytest.raises(ValueError, match="fp16 inference needs CUDA"):
+        InferenceModel(model, precision="fp16")
