@@ -195,21 +195,44 @@ def dataset_info(cfg, class_names: Sequence[str] | None = None) -> DatasetInfo:
             raise ValueError(f"--dataset cityscapes has {len(CLASS_NAMES)} classes but "
                              f"--n-classes is {cfg.n_classes}")
         return DatasetInfo(CLASS_NAMES, PALETTE, LABEL_ID_TO_TRAIN_ID)
-    if class_names is None and cfg.class_names:
-        class_names = read_class_names(cfg.class_names)
+    palette = None
+    if cfg.class_names:
+        class_names, palette = read_class_names(cfg.class_names)
     if class_names is not None and len(class_names) != cfg.n_classes:
         raise ValueError(f"{len(class_names)} class names given for {cfg.n_classes} classes")
     names = tuple(class_names) if class_names else tuple(
         f"class {i}" for i in range(cfg.n_classes))
     lut = read_label_map(cfg.label_map) if cfg.label_map else None
-    return DatasetInfo(names, make_palette(cfg.n_classes), lut)
+    return DatasetInfo(names, palette if palette is not None else make_palette(cfg.n_classes), lut)
 
 
-def read_class_names(path: str | Path) -> list[str]:
+def read_class_names(path: str | Path) -> tuple[list[str], np.ndarray | None]:
+    """Class names, one per line, each optionally followed by its colour: ``name,R,G,B``.
+
+    Returns the names and a (n, 3) uint8 palette, or None when no line gives a colour.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"class names file not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names, colours = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = [p.strip() for p in line.split(",")]
+        if not parts[0]:
+            continue
+        names.append(parts[0])
+        if len(parts) == 4:
+            try:
+                colour = [int(v) for v in parts[1:]]
+            except ValueError:
+                colour = [-1]
+            if not all(0 <= v <= 255 for v in colour):
+                raise ValueError(f"{path}:{number}: colour {parts[1:]} is not three 0..255 values")
+            colours.append(colour)
+        elif len(parts) != 1:
+            raise ValueError(f"{path}:{number}: expected 'name' or 'name,R,G,B', got {line!r}")
+    if colours and len(colours) != len(names):
+        raise ValueError(f"{path}: give a colour on every line or on none")
+    return names, (np.asarray(colours, np.uint8) if colours else None)
 
 
 def dataset_pairs(cfg, split: str) -> list[Pair]:

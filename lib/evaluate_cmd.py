@@ -22,6 +22,7 @@ from lib.checkpoint import CheckpointError, load_model
 from lib.cityscapes import TRAIN_ID_TO_LABEL_ID
 from lib.config import TrainConfig
 from lib.data import build_dataset, dataset_info, prepare_dataset
+from lib.deploy import to_inference_form
 from lib.evaluator import DEFAULT_SCALES, evaluate, format_iou_table, iou_from_confusion
 from lib.logger import setup_logging
 from lib.models import MODEL_NAMES
@@ -87,6 +88,7 @@ def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final
 
 def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[str, Any]:
     model, meta = load_model(args.ckpt, dist_info.device, model_name)
+    model = to_inference_form(model)  # BatchNorm folded, no auxiliary heads: same outputs, faster
     saved = meta.get("config") or {}
     cfg = replace(
         TrainConfig(),
@@ -96,7 +98,6 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
         data_root=args.data_root,
         val_list=args.val_list,
         label_map=args.label_map or saved.get("label_map"),
-        class_names=saved.get("class_names"),
         ignore_index=int(meta.get("ignore_index", 255)),
         mean=tuple(meta.get("mean", TrainConfig().mean)),
         std=tuple(meta.get("std", TrainConfig().std)),
@@ -117,7 +118,8 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
         crop_batch=args.crop_batch, device=dist_info.device, ignore_index=cfg.ignore_index,
         save_pred_dir=args.save_pred, save_colour=args.save_colour,
         label_to_id=TRAIN_ID_TO_LABEL_ID if is_cityscapes else None,
-        palette=np.asarray(info.palette, np.uint8), progress=dist_info.is_main,
+        palette=np.asarray(meta.get("palette", info.palette), np.uint8),
+        progress=dist_info.is_main,
     )
     summary: dict[str, Any] = {}
     labelled = any(int(conf.sum()) > 0 for conf in results.values())

@@ -76,6 +76,7 @@ def build_checkpoint(
         "n_classes": cfg.n_classes,
         "state_dict": model.state_dict(),
         "class_names": list(info.class_names),
+        "palette": info.palette.tolist(),
         "mean": list(cfg.mean),
         "std": list(cfg.std),
         "ignore_index": cfg.ignore_index,
