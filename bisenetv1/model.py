@@ -155,6 +155,7 @@ class BiSeNetV1(nn.Module):
     Args:
         n_classes: number of output classes.
         aux_heads: build the two auxiliary heads on the context path (training only).
+        spatial_path: build the spatial path (False gives the "diss" variant).
 
     ``model.train()``: returns ``(out, out16, out32)`` (only ``(out,)`` without auxiliary heads);
     ``model.eval()``: returns the main logits. All logits are ``[N, n_classes, H, W]`` at the
@@ -164,14 +165,17 @@ class BiSeNetV1(nn.Module):
     model_name = "bisenetv1"
     output_names: tuple[str, ...] = ("out", "out16", "out32")
 
-    def __init__(self, n_classes: int = 19, aux_heads: bool = True) -> None:
+    def __init__(self, n_classes: int = 19, aux_heads: bool = True,
+                 spatial_path: bool = True) -> None:
         super().__init__()
         if n_classes < 1:
             raise ValueError(f"n_classes must be positive, got {n_classes}")
         self.n_classes = n_classes
         self.aux_heads = aux_heads
         self.cp = ContextPath()
-        self.sp = SpatialPath()
+        # Without a spatial path (the "diss" variant) the fusion module takes the ResNet's own
+        # 1/8 feature, which has the same 128 channels: the fusion input stays 256 wide.
+        self.sp = SpatialPath() if spatial_path else None
         self.ffm = FeatureFusion(256, 256)
         self.conv_out = OutputHead(256, 256, n_classes)
         if aux_heads:
@@ -190,8 +194,9 @@ class BiSeNetV1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         size = x.shape[-2:]
-        _, context8, context16 = self.cp(x)
-        out = self.conv_out(self.ffm(self.sp(x), context8), size)
+        backbone8, context8, context16 = self.cp(x)
+        detail = self.sp(x) if self.sp is not None else backbone8
+        out = self.conv_out(self.ffm(detail, context8), size)
         if not self.training:
             return out
         if not self.aux_heads:
