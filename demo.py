@@ -60,7 +60,11 @@ class Segmenter:
         self.model = InferenceModel(model, precision=precision, jit=False)
         self.mean = meta.get("mean", MEAN)
         self.std = meta.get("std", STD)
-        self.palette = make_palette(meta["n_classes"])  # Cityscapes colours for 19 classes
+        # the dataset's colours when the checkpoint records them, else Cityscapes' for 19 classes
+        # and generated ones otherwise
+        palette = meta.get("palette")
+        self.palette = (np.asarray(palette, np.uint8) if palette is not None
+                        else make_palette(meta["n_classes"]))
 
     def __call__(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = self.model(normalise(image_rgb, self.mean, self.std))
