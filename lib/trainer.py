@@ -260,8 +260,10 @@ def _train_loop(cfg, dist_info, out_dir, info, model, ddp_model, loader, criteri
     tic = time.perf_counter()
     batches = iter(loader)
     it = start_iter
-    # SIGTERM (cluster pre-emption, torchrun stopping the job) is handled like Ctrl-C.
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # Ctrl-C, and SIGTERM (cluster pre-emption, torchrun stopping the job), save a checkpoint;
+    # SIGINT is set explicitly because a process started in the background inherits it ignored.
+    previous_handlers = {sig: signal.signal(sig, _raise_keyboard_interrupt)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while it < cfg.max_iter:
             # Randomness inside the model (dropout) depends only on (seed, rank, iteration), so
@@ -322,7 +324,8 @@ def _train_loop(cfg, dist_info, out_dir, info, model, ddp_model, loader, criteri
                        barrier=False)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     return {"iterations": it, "final_lr": base_lr(optimizer)}
 
 
