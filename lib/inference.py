@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lib.transforms import to_tensor
 from lib.visualize import colourise
 
 
@@ -18,11 +19,7 @@ def normalise(image_rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]
     if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image_rgb.dtype} "
                          f"{image_rgb.shape}")
-    scale = np.float32(1 / 255)
-    mean_arr = np.asarray(mean, np.float32)
-    std_arr = np.asarray(std, np.float32)
-    chw = ((image_rgb.astype(np.float32) * scale - mean_arr) / std_arr).transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(chw)).unsqueeze(0)
+    return to_tensor(image_rgb, mean, std).unsqueeze(0)  # the evaluation transform's maths
 
 
 @torch.inference_mode()
