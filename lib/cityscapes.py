@@ -53,23 +53,28 @@ def find_cityscapes_pairs(root: str | Path, split: str) -> list[tuple[Path, Path
     """
     root = Path(root)
     image_dir = root / "leftImg8bit" / split
+    layout = (f"expected {root}/leftImg8bit/{split}/<city>/<name>{IMAGE_SUFFIX} and "
+              f"{root}/gtFine/{split}/<city>/<name>{LABEL_SUFFIX}")
     if not image_dir.is_dir():
         raise FileNotFoundError(
             f"no Cityscapes images at {image_dir}: unpack leftImg8bit_trainvaltest.zip and "
-            f"gtFine_trainvaltest.zip in {root} (expected {root}/leftImg8bit/{split}/<city>/"
-            f"*{IMAGE_SUFFIX} and {root}/gtFine/{split}/<city>/*{LABEL_SUFFIX})"
+            f"gtFine_trainvaltest.zip in {root} ({layout})"
         )
     images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
     if not images:
-        raise FileNotFoundError(f"{image_dir} contains no <city>/*{IMAGE_SUFFIX} images")
+        raise FileNotFoundError(f"{image_dir} contains no <city>/*{IMAGE_SUFFIX} images ({layout})")
+    if split == "test":  # the public test labels are placeholders
+        return [(image, None) for image in images]
     pairs: list[tuple[Path, Path | None]] = []
+    missing = []
     for image in images:
-        if split == "test":
-            pairs.append((image, None))
-            continue
         stem = image.name[: -len(IMAGE_SUFFIX)]
         label = root / "gtFine" / split / image.parent.name / f"{stem}{LABEL_SUFFIX}"
         if not label.is_file():
-            raise FileNotFoundError(f"missing label for {image}: expected {label}")
+            missing.append((image, label))
         pairs.append((image, label))
+    if missing:
+        image, label = missing[0]
+        more = f" (and {len(missing) - 1} more images without labels)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"missing label for {image}: expected {label}{more}")
     return pairs

@@ -33,18 +33,33 @@ class SegmentationDataset(Dataset):
 
     ``image`` is a normalised float32 [3, H, W] tensor, ``label`` an int64 [H, W] tensor of train
     ids (all ``ignore_index`` when the pair has no label, e.g. Cityscapes' test split). With a
-    ``(index, seed)`` item the transform draws its randomness from ``seed``.
+    ``(index, seed)`` item the transform draws its randomness from ``seed``. ``label_lut`` maps
+    raw label values to train ids (e.g. Cityscapes label ids); after it every value must be a
+    class (``< n_classes``) or ``ignore_index``, which is checked for every sample read.
     """
 
     def __init__(self, pairs: Sequence[Pair], transform, label_lut: np.ndarray | None = None,
                  n_classes: int = 19, ignore_index: int = 255) -> None:
         if not pairs:
             raise ValueError("the dataset is empty: no image/label pairs were found")
+        if label_lut is not None:
+            label_lut = np.asarray(label_lut)
+            if label_lut.shape != (256,) or label_lut.dtype != np.uint8:
+                raise ValueError(f"label_lut must be a (256,) uint8 table, got {label_lut.dtype} "
+                                 f"{label_lut.shape}")
+        if not 0 < n_classes <= 256:
+            raise ValueError(f"n_classes must be in 1..256, got {n_classes}")
         self.pairs = list(pairs)
         self.transform = transform
         self.label_lut = label_lut
         self.n_classes = n_classes
         self.ignore_index = ignore_index
+        # raw value -> 1 where it ends up neither a class nor ignore: one cheap lookup per label
+        bad = np.ones(256, np.uint8)
+        bad[:n_classes] = 0
+        if 0 <= ignore_index < 256:
+            bad[ignore_index] = 0
+        self._bad_raw = bad if label_lut is None else bad[label_lut]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -61,30 +76,39 @@ class SegmentationDataset(Dataset):
         return self.transform(image, label, rng)
 
     def read_label(self, path: Path, image_size: tuple[int, int], image_path: Path) -> np.ndarray:
+        """HxW uint8 train ids of the label file ``path``, checked against its image."""
         label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if label is None:
             raise ValueError(f"cannot read label {path} (missing, corrupt or not an image)")
         if label.ndim != 2 or label.dtype != np.uint8:
+            colour = label.ndim == 3 and label.shape[2] in (3, 4)
             raise ValueError(
-                f"label {path} is {label.dtype} with shape {label.shape}: labels must be "
-                "single-channel 8-bit PNGs of class ids (Cityscapes: *_gtFine_labelIds.png, "
-                "not the colour *_color.png)"
+                f"label {path} is {label.dtype} with shape {label.shape}"
+                f"{' (a colour image)' if colour else ''}: labels must be single-channel 8-bit "
+                "PNGs of class ids (Cityscapes: *_gtFine_labelIds.png, or *_labelTrainIds.png "
+                "with train ids; not the colour *_gtFine_color.png)"
             )
         if label.shape != image_size:
             raise ValueError(f"label {path} is {label.shape[1]}x{label.shape[0]} but image "
                              f"{image_path} is {image_size[1]}x{image_size[0]}")
-        if self.label_lut is not None:
-            label = cv2.LUT(label, self.label_lut)
         # cheap per-sample guard: a value that is neither a class nor ignore crashes the loss
-        values = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
-        bad = [int(v) for v in values if v >= self.n_classes and v != self.ignore_index]
-        if bad:
-            raise ValueError(
-                f"label {path} has values {bad[:10]} outside 0..{self.n_classes - 1} that are not "
-                f"the ignore index {self.ignore_index}; check --n-classes, --ignore-index and "
-                "--label-map (tools/check_dataset.py lists every such file)"
-            )
-        return label
+        if cv2.LUT(label, self._bad_raw).max():
+            self._raise_bad_values(path, label)
+        return label if self.label_lut is None else cv2.LUT(label, self.label_lut)
+
+    def _raise_bad_values(self, path: Path, raw: np.ndarray) -> None:
+        values = np.flatnonzero(np.bincount(raw.ravel(), minlength=256) * self._bad_raw)
+        if self.label_lut is None:
+            found = f"values {values[:10].tolist()}"
+        else:
+            found = ("values " + ", ".join(f"{v} (-> {self.label_lut[v]})" for v in values[:10])
+                     + " after the label map")
+        raise ValueError(
+            f"label {path} has {found} outside 0..{self.n_classes - 1} that are not the ignore "
+            f"index {self.ignore_index}; check --n-classes, --ignore-index and --label-map "
+            "(Cityscapes labelIds need the labelId->trainId map; tools/check_dataset.py lists "
+            "every such file)"
+        )
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -98,7 +122,8 @@ def read_image(path: Path) -> np.ndarray:
 def read_annotation_list(path: str | Path, root: str | Path) -> list[Pair]:
     """Pairs from a file of ``image_path,label_path`` lines, relative to ``root``.
 
-    Windows line endings and backslash separators are accepted; blank lines are skipped.
+    Windows line endings and backslash separators are accepted; blank lines are skipped. A
+    malformed line or a missing file fails with the list's name and the line number.
     """
     path, root = Path(path), Path(root)
     if not path.is_file():
@@ -118,35 +143,70 @@ def read_annotation_list(path: str | Path, root: str | Path) -> list[Pair]:
                     raise FileNotFoundError(f"{path}:{number}: {kind} {file} does not exist")
             pairs.append((image, label))
     if not pairs:
-        raise ValueError(f"annotation list {path} is empty")
+        raise ValueError(f"annotation list {path} is empty: it has no 'image_path,label_path' "
+                         "line")
     return pairs
 
 
-def find_folder_pairs(image_dir: str | Path, label_dir: str | Path) -> list[Pair]:
-    """Pairs of same-named files in two folders (the label is a PNG of the image's stem).
+# parts of Cityscapes-style names that are not part of the sample's name
+_IMAGE_NAME_SUFFIXES = ("_leftImg8bit",)
+_NOT_LABEL_SUFFIXES = ("_color", "_instanceIds")
 
-    A label may also carry a suffix after the image's stem (``x.jpg`` with ``x_label.png``).
+
+def find_folder_pairs(image_dir: str | Path, label_dir: str | Path) -> list[Pair]:
+    """Pairs of same-named files in two folders (sub-folders mirrored), sorted by image path.
+
+    The label is a PNG with the image's stem (``x.jpg`` -> ``x.png``) or the stem followed by a
+    suffix (``x_mask.png``, ``x_gtFine_labelIds.png``); a Cityscapes-style ``_leftImg8bit`` at
+    the end of an image's stem is dropped first and ``*_color``/``*_instanceIds`` PNGs are not
+    labels. Images without a label, or with several candidates, fail with their names.
     """
     image_dir, label_dir = Path(image_dir), Path(label_dir)
     for folder in (image_dir, label_dir):
         if not folder.is_dir():
             raise FileNotFoundError(f"folder not found: {folder}")
-    images = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = sorted(p for p in image_dir.rglob("*")
+                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not images:
-        raise ValueError(f"no images in {image_dir}")
-    labels = {p.relative_to(label_dir).with_suffix("").as_posix(): p
-              for p in label_dir.rglob("*.png")}
-    pairs, missing = [], []
-    for image in images:
-        stem = image.relative_to(image_dir).with_suffix("").as_posix()
-        label = labels.get(stem) or next(
-            (p for key, p in labels.items() if key.startswith(stem + "_")), None)
-        if label is None:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}")
+
+    def sample_name(image: Path) -> str:
+        name = image.relative_to(image_dir).with_suffix("").as_posix()
+        for suffix in _IMAGE_NAME_SUFFIXES:
+            name = name.removesuffix(suffix) or name
+        return name
+
+    names = [sample_name(image) for image in images]
+    known = set(names)
+    # each label goes to the longest image name it starts with ("a_1_x" -> "a_1", not "a")
+    owned: dict[str, list[tuple[bool, Path]]] = {}
+    for label in sorted(label_dir.rglob("*.png")):
+        key = label.relative_to(label_dir).with_suffix("").as_posix()
+        parts = key.split("_")
+        for k in range(len(parts), 0, -1):
+            prefix = "_".join(parts[:k])
+            if prefix in known:
+                if k == len(parts) or not key.endswith(_NOT_LABEL_SUFFIXES):
+                    owned.setdefault(prefix, []).append((k == len(parts), label))
+                break
+    pairs: list[Pair] = []
+    missing, ambiguous = [], []
+    for image, name in zip(images, names, strict=True):
+        candidates = owned.get(name, [])
+        exact = [label for is_exact, label in candidates if is_exact]
+        if exact or len(candidates) == 1:
+            pairs.append((image, exact[0] if exact else candidates[0][1]))
+        elif candidates:
+            ambiguous.append(f"{image} ({', '.join(lab.name for _, lab in candidates)})")
+        else:
             missing.append(str(image))
-        pairs.append((image, label))
     if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) in {image_dir} have no label in "
-                                f"{label_dir}, e.g. {', '.join(missing[:3])}")
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) in {image_dir} have no label in {label_dir} (expected "
+            f"<name>.png or <name>_<suffix>.png), e.g. {', '.join(missing[:5])}")
+    if ambiguous:
+        raise ValueError(f"{len(ambiguous)} image(s) in {image_dir} match several labels in "
+                         f"{label_dir}; keep one per image: {'; '.join(ambiguous[:5])}")
     return pairs
 
 

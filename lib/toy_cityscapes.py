@@ -17,11 +17,11 @@ horizon, road below). Images are generated on demand, deterministically from a s
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 # Cityscapes label ids used by the toy scenes
 ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = (
@@ -186,26 +186,75 @@ def draw_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.nd
 
 def generate_toy_cityscapes(
     root: str | Path, n_train: int = 150, n_val: int = 30, n_test: int = 0, height: int = 128,
-    width: int = 256, seed: int = 0,
+    width: int = 256, seed: int = 0, cities: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
-    """Write the toy dataset under ``root``; returns ``root``. Same seed, same files."""
+    """Write the toy dataset under ``root``; returns ``root``. Same arguments, same bytes.
+
+    ``cities`` maps a split to its city names (default ``CITIES``); images go round-robin to the
+    cities of their split. The test split has images only, like the public Cityscapes labels.
+    """
     root = Path(root)
+    cities = {**CITIES, **(cities or {})}
+    if min(height, width) < 32:
+        raise ValueError(f"toy images must be at least 32x32, got {height}x{width}")
     for split_index, (split, count) in enumerate((("train", n_train), ("val", n_val),
                                                  ("test", n_test))):
-        cities = CITIES[split]
+        names = tuple(cities[split])
+        if count < 0 or (count and not names):
+            raise ValueError(f"{count} {split} images need at least one city, got {names}")
         for i in range(count):
             rng = np.random.default_rng([seed, split_index, i])
             image, label = draw_scene(height, width, rng)
-            city = cities[i % len(cities)]
-            stem = f"{city}_{i // len(cities):06d}_{19 + i % 7:06d}"
+            city = names[i % len(names)]
+            stem = f"{city}_{i // len(names):06d}_{19 + i % 7:06d}"
             image_path = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
             label_path = root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
             image_path.parent.mkdir(parents=True, exist_ok=True)
-            label_path.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(image_path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            if not cv2.imwrite(str(image_path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+                raise OSError(f"cannot write {image_path}")
             if split != "test":
-                cv2.imwrite(str(label_path), label)
+                label_path.parent.mkdir(parents=True, exist_ok=True)
+                if not cv2.imwrite(str(label_path), label):
+                    raise OSError(f"cannot write {label_path}")
     return root
+
+
+def colour_baseline_miou(root: str | Path) -> tuple[float, np.ndarray]:
+    """Colour-only baseline: each pixel gets the class whose mean colour is nearest.
+
+    Class mean colours are measured on the train split, predictions scored on val. Returns the
+    mIoU over the classes present in val and the (19,) per-class IoU (NaN for absent classes).
+    """
+    from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
+
+    n = 19
+
+    def load(split):
+        for image_path, label_path in find_cityscapes_pairs(root, split):
+            image = cv2.imread(str(image_path), cv2.IMREAD_COLOR).reshape(-1, 3).astype(np.float64)
+            label = LABEL_ID_TO_TRAIN_ID[cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)]
+            valid = label.ravel() < n
+            yield image[valid], label.ravel()[valid].astype(np.int64)
+
+    sums, counts = np.zeros((n, 3)), np.zeros(n)
+    for image, label in load("train"):
+        for channel in range(3):
+            sums[:, channel] += np.bincount(label, weights=image[:, channel], minlength=n)
+        counts += np.bincount(label, minlength=n)
+    class_ids = np.flatnonzero(counts)
+    means = sums[class_ids] / counts[class_ids, None]
+    confusion = np.zeros((n, n), np.int64)  # rows: truth, columns: prediction
+    for image, label in load("val"):
+        pred = class_ids[((image[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)]
+        confusion += np.bincount(label * n + pred, minlength=n * n).reshape(n, n)
+    present = confusion.sum(1) > 0
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    iou = np.where(present, np.diag(confusion) / np.maximum(union, 1), np.nan)
+    return float(np.nanmean(iou)), iou
+
+
+def _city_list(text: str) -> tuple[str, ...]:
+    return tuple(name for name in text.split(",") if name)
 
 
 def main(argv=None) -> None:
@@ -218,41 +267,16 @@ def main(argv=None) -> None:
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    for split, names in CITIES.items():
+        parser.add_argument(f"--{split}-cities", type=_city_list, default=names,
+                            help=f"comma-separated city names (default {','.join(names)})")
     args = parser.parse_args(argv)
-    root = generate_toy_cityscapes(args.root, args.n_train, args.n_val, args.n_test, args.height,
-                                   args.width, args.seed)
+    cities = {split: getattr(args, f"{split}_cities") for split in CITIES}
+    root = generate_toy_cityscapes(args.root, n_train=args.n_train, n_val=args.n_val,
+                                   n_test=args.n_test, height=args.height, width=args.width,
+                                   seed=args.seed, cities=cities)
     print(f"toy Cityscapes written to {root}")
 
 
 if __name__ == "__main__":
     main()
-
-
-def colour_baseline_miou(root: str | Path) -> tuple[float, np.ndarray]:
-    """mIoU (over classes present in val) of labelling each pixel with the class whose mean
-    colour, measured on the train split, is nearest; and that per-class IoU."""
-    from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
-    from lib.evaluator import iou_from_confusion
-
-    def load(split):
-        for image_path, label_path in find_cityscapes_pairs(root, split):
-            image = cv2.imread(str(image_path), cv2.IMREAD_COLOR).reshape(-1, 3).astype(np.float64)
-            label = LABEL_ID_TO_TRAIN_ID[cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)]
-            yield image, label.ravel()
-
-    sums, counts = np.zeros((19, 3)), np.zeros(19)
-    for image, label in load("train"):
-        valid = label < 19
-        np.add.at(sums, label[valid], image[valid])
-        counts += np.bincount(label[valid], minlength=19)
-    seen = counts > 0
-    means = sums[seen] / counts[seen, None]
-    class_ids = np.flatnonzero(seen)
-    confusion = np.zeros((19, 19), np.int64)
-    for image, label in load("val"):
-        nearest = ((image[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
-        pred = class_ids[nearest]
-        valid = label < 19
-        confusion += np.bincount(label[valid] * 19 + pred[valid], minlength=361).reshape(19, 19)
-    iou, miou = iou_from_confusion(torch.from_numpy(confusion))
-    return miou, iou

@@ -9,23 +9,44 @@ import numpy as np
 from lib.cityscapes import PALETTE
 
 
+def cityscapes_palette() -> np.ndarray:
+    """(19, 3) uint8 RGB: the official Cityscapes colours in train-id order (a copy)."""
+    return PALETTE.copy()
+
+
 def make_palette(n_classes: int) -> np.ndarray:
-    """(n_classes, 3) uint8 RGB: Cityscapes' colours for 19 classes, else evenly spread hues."""
+    """(n_classes, 3) uint8 RGB: Cityscapes' colours for 19 classes, else generated colours.
+
+    Generated colours are deterministic and pairwise distinct: golden-ratio hue steps keep
+    neighbouring ids apart, three saturation/value levels add contrast between hue cycles.
+    """
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be positive, got {n_classes}")
     if n_classes == len(PALETTE):
-        return PALETTE.copy()
-    colours = []
-    for i in range(n_classes):
-        # golden-ratio hue steps keep neighbouring ids apart; three value levels add contrast
+        return cityscapes_palette()
+    colours, seen = [], set()
+    i = 0
+    while len(colours) < n_classes:
         hue = (i * 0.618033988749895) % 1.0
+        saturation = (0.85, 0.6, 1.0)[(i // 3) % 3]
         value = (1.0, 0.75, 0.5)[i % 3]
-        colours.append([round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.85, value)])
+        colour = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, value))
+        i += 1
+        if colour not in seen and colour != (0, 0, 0):  # black is reserved for ignore
+            seen.add(colour)
+            colours.append(colour)
     return np.asarray(colours, dtype=np.uint8).reshape(n_classes, 3)
 
 
 def colourise(label: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     """HxW class ids -> HxWx3 uint8 RGB; the ignore index (and any id without a colour) is black."""
+    if label.ndim != 2:
+        raise ValueError(f"expected an HxW label map, got shape {label.shape}")
+    if label.min(initial=0) < 0 or label.max(initial=0) > 255:
+        raise ValueError("label values must be in 0..255 to be colourised")
     lut = np.zeros((256, 3), np.uint8)
-    lut[: len(palette)] = palette[:256]
+    palette = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
+    lut[: len(palette)] = palette
     if 0 <= ignore_index < 256:
         lut[ignore_index] = 0
     return lut[label.astype(np.uint8)]

@@ -11,7 +11,7 @@ from lib.data import (
     read_annotation_list,
     read_label_map,
 )
-from lib.transforms import EvalTransform
+from lib.transforms import EvalTransform, TrainTransform
 
 
 def _write(path, array):
@@ -52,16 +52,42 @@ def test_errors_name_the_file(pair, tmp_path):
     corrupt.write_bytes(b"not a png at all")
     small = _write(tmp_path / "small.png", np.zeros((5, 5), np.uint8))
     colour = _write(tmp_path / "colour.png", np.zeros((12, 20, 3), np.uint8))
+    wide = _write(tmp_path / "wide.png", np.zeros((12, 20), np.uint16))
     out_of_range = _write(tmp_path / "range.png", np.full((12, 20), 7, np.uint8))
     cases = [((corrupt, label_path), "cannot read image .*corrupt.png"),
+             ((tmp_path / "gone.png", label_path), "cannot read image .*gone.png"),
+             ((image_path, corrupt), "cannot read label .*corrupt.png"),
              ((image_path, small), "small.png is 5x5 but image .*a.png is 20x12"),
-             ((image_path, colour), "colour.png .*single-channel"),
+             ((image_path, colour), "colour.png .*colour image.*single-channel.*labelIds.*"
+                                    "labelTrainIds"),
+             ((image_path, wide), "wide.png is uint16"),
              ((image_path, out_of_range), r"range.png has values \[7\] outside 0..2")]
     for item, message in cases:
         with pytest.raises(ValueError, match=message):
             SegmentationDataset([item], EvalTransform(), n_classes=3)[0]
     with pytest.raises(ValueError, match="empty"):
         SegmentationDataset([], EvalTransform())
+
+
+def test_label_values_are_checked_after_the_label_map(tmp_path):
+    image = _write(tmp_path / "i.png", np.zeros((6, 9, 3), np.uint8))
+    raw = np.zeros((6, 9), np.uint8)
+    raw[0, :3] = [7, 26, 0]  # Cityscapes road, car, unlabeled
+    label = _write(tmp_path / "l.png", raw)
+    lut = np.full(256, 255, np.uint8)
+    lut[7], lut[26] = 0, 13
+    target = SegmentationDataset([(image, label)], EvalTransform(), lut, n_classes=19)[0][1]
+    assert target[0, :3].tolist() == [0, 13, 255] and (target[1:] == 255).all()
+    lut[0] = 40  # a map sending a raw value beyond the classes
+    with pytest.raises(ValueError, match=r"l.png has values 0 \(-> 40\) after the label map"):
+        SegmentationDataset([(image, label)], EvalTransform(), lut, n_classes=19)[0]
+    # without a map, raw Cityscapes label ids are not train ids: 26 > 18 fails, 255 is fine
+    with pytest.raises(ValueError, match=r"values \[26\] outside 0..18"):
+        SegmentationDataset([(image, label)], EvalTransform(), None, n_classes=19)[0]
+    raw[0, 1] = 255
+    _write(tmp_path / "l.png", raw)
+    target = SegmentationDataset([(image, label)], EvalTransform(), None, n_classes=19)[0][1]
+    assert torch.equal(target, torch.from_numpy(raw).long())
 
 
 def test_annotation_list_accepts_crlf_and_backslashes(pair, tmp_path):
@@ -88,15 +114,30 @@ def test_annotation_list_errors_name_file_and_line(tmp_path):
 
 
 def test_folder_pairs_by_name(tmp_path):
-    for name in ("p", "q"):
+    for name in ("p", "q", "sub/r_leftImg8bit", "a", "a_1"):
         _write(tmp_path / "images" / f"{name}.jpg", np.zeros((4, 4, 3), np.uint8))
-    _write(tmp_path / "labels" / "p.png", np.zeros((4, 4), np.uint8))
-    _write(tmp_path / "labels" / "q_mask.png", np.zeros((4, 4), np.uint8))
+    for name in ("p", "p_mask", "q_mask", "sub/r_gtFine_labelIds", "sub/r_gtFine_color",
+                 "a_label", "a_1_label"):
+        _write(tmp_path / "labels" / f"{name}.png", np.zeros((4, 4), np.uint8))
     pairs = find_folder_pairs(tmp_path / "images", tmp_path / "labels")
-    assert [(i.name, lab.name) for i, lab in pairs] == [("p.jpg", "p.png"), ("q.jpg", "q_mask.png")]
-    _write(tmp_path / "images" / "r.jpg", np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(FileNotFoundError, match="1 image.*have no label.*r.jpg"):
+    got = [(i.relative_to(tmp_path / "images").as_posix(),
+            lab.relative_to(tmp_path / "labels").as_posix()) for i, lab in pairs]
+    assert got == [("a.jpg", "a_label.png"), ("a_1.jpg", "a_1_label.png"), ("p.jpg", "p.png"),
+                   ("q.jpg", "q_mask.png"),
+                   ("sub/r_leftImg8bit.jpg", "sub/r_gtFine_labelIds.png")]
+    _write(tmp_path / "labels" / "q_other.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"several labels.*q.jpg \(q_mask.png, q_other.png\)"):
         find_folder_pairs(tmp_path / "images", tmp_path / "labels")
+    (tmp_path / "labels" / "q_other.png").unlink()
+    _write(tmp_path / "images" / "s.jpg", np.zeros((4, 4, 3), np.uint8))
+    _write(tmp_path / "images" / "t.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(FileNotFoundError, match="2 image.*have no label.*s.jpg, .*t.png"):
+        find_folder_pairs(tmp_path / "images", tmp_path / "labels")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images .*empty"):
+        find_folder_pairs(tmp_path / "empty", tmp_path / "labels")
+    with pytest.raises(FileNotFoundError, match="folder not found: .*nowhere"):
+        find_folder_pairs(tmp_path / "images", tmp_path / "nowhere")
 
 
 def test_label_map_from_json_and_csv(tmp_path):
@@ -108,3 +149,14 @@ def test_label_map_from_json_and_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("10,zero\n")
     with pytest.raises(ValueError, match="bad.csv: '10' -> 'zero'"):
         read_label_map(tmp_path / "bad.csv")
+
+
+def test_seeded_item_drives_the_train_transform(pair):
+    image_path, label_path, image, label = pair
+    transform = TrainTransform(crop_size=(8, 16), scale_range=(0.5, 1.5))
+    dataset = SegmentationDataset([(image_path, label_path)], transform, None, n_classes=3)
+    for seed in (1, 2):
+        got = dataset[(0, seed)]
+        expected = transform(image, label, np.random.default_rng(seed))
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(dataset[(0, 1)][0], dataset[(0, 2)][0])

@@ -1,6 +1,7 @@
 import itertools
 
 import pytest
+import torch
 
 from lib.sampler import InfiniteShardedSampler
 
@@ -39,3 +40,23 @@ def test_bad_arguments():
         InfiniteShardedSampler(10, 4, 0, 3)
     with pytest.raises(ValueError, match="empty"):
         InfiniteShardedSampler(0, 4)
+
+
+class _Echo(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, item):
+        index, seed = item
+        return index, seed % 1000
+
+
+def test_drives_a_dataloader_with_seeded_items():
+    sampler = InfiniteShardedSampler(6, 4, rank=1, world_size=2, seed=2)
+    assert isinstance(sampler, torch.utils.data.Sampler)
+    loader = torch.utils.data.DataLoader(_Echo(), batch_size=2, sampler=sampler)
+    batches = list(itertools.islice(iter(loader), 3))
+    expected = _batches(InfiniteShardedSampler(6, 4, rank=1, world_size=2, seed=2), 3)
+    for (indices, seeds), batch in zip(batches, expected, strict=True):
+        assert indices.tolist() == [i for i, _ in batch]
+        assert seeds.tolist() == [s % 1000 for _, s in batch]

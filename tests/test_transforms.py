@@ -1,9 +1,16 @@
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from lib.cityscapes import MEAN, STD
-from lib.transforms import EvalTransform, TrainTransform, colour_jitter
+from lib.transforms import (
+    EvalTransform,
+    TrainTransform,
+    colour_jitter,
+    scale_crop_flip,
+    to_tensor,
+)
 
 # label k <-> a colour that no bilinear blend of two neighbouring block colours can imitate
 COLOURS = np.array([[20 + 45 * k, 230 - 40 * k, 60 + 30 * (k % 3)] for k in range(5)], np.uint8)
@@ -25,7 +32,7 @@ def _denormalise(image: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("seed", range(8))
 def test_image_and_label_stay_aligned_through_scale_crop_flip(seed):
     image, label = _blocks()
-    transform = TrainTransform(crop_size=(64, 96), scale_range=(0.5, 2.0), jitter=0.0)
+    transform = TrainTransform(crop_size=(64, 96), scale_range=(0.3, 2.0), jitter=0.0)
     out_image, out_label = transform(image, label, np.random.default_rng(seed))
     assert out_image.shape == (3, 64, 96) and out_label.shape == (64, 96)
     assert out_image.dtype == torch.float32 and out_label.dtype == torch.int64
@@ -35,19 +42,59 @@ def test_image_and_label_stay_aligned_through_scale_crop_flip(seed):
     padded = np.pad(lab, 2, constant_values=-1)  # unknown beyond the crop: not interior
     windows = np.lib.stride_tricks.sliding_window_view(padded, (5, 5))
     interior = (windows == lab[..., None, None]).all((-1, -2)) & (lab != 255)
-    assert interior.sum() > 500
+    assert interior.sum() > 300
     nearest = ((pixels[..., None, :] - COLOURS[None, None].astype(int)) ** 2).sum(-1).argmin(-1)
     assert np.array_equal(nearest[interior], lab[interior])
+    # padding: black image under every ignore pixel
+    assert np.all(pixels[lab == 255] == 0)
 
 
-def test_small_scaled_image_is_padded_with_zero_and_ignore():
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("scaled, top, left", [((150, 250), 10, 30), ((48, 80), 0, 0),
+                                               ((200, 333), 136, 237), ((37, 61), 3, 5)])
+def test_scale_crop_flip_equals_full_resize_then_crop(scaled, top, left, flip):
+    rng = np.random.default_rng(1)
+    image = cv2.resize(rng.integers(0, 256, (12, 20, 3), np.uint8), (160, 96),
+                       interpolation=cv2.INTER_NEAREST)
+    image = cv2.add(image, rng.integers(0, 30, image.shape, np.uint8))
+    label = rng.integers(0, 19, (96, 160)).astype(np.uint8)
+    out_h, out_w = min(64, scaled[0] - top), min(96, scaled[1] - left)
+    got_image, got_label = scale_crop_flip(image, label, scaled, top, left, (out_h, out_w), flip)
+    assert got_image.shape == (out_h, out_w, 3) and got_label.shape == (out_h, out_w)
+    # reference: the whole image resized, then cropped, then flipped
+    ref_image = cv2.resize(image, scaled[::-1], interpolation=cv2.INTER_LINEAR)
+    ref_image = ref_image[top:top + out_h, left:left + out_w]
+    src_y = (np.arange(out_h) + top + 0.5) * 96 / scaled[0]  # pixel-centre nearest neighbour
+    src_x = (np.arange(out_w) + left + 0.5) * 160 / scaled[1]
+    # on a tie (source coordinate on a pixel border) either neighbour is right
+    candidates = [label[np.clip(np.floor(src_y + dy), 0, 95).astype(int)][
+        :, np.clip(np.floor(src_x + dx), 0, 159).astype(int)]
+        for dy in (-1e-3, 1e-3) for dx in (-1e-3, 1e-3)]
+    if flip:
+        ref_image, candidates = ref_image[:, ::-1], [c[:, ::-1] for c in candidates]
+    assert np.abs(got_image.astype(int) - ref_image).max() <= 2
+    assert np.any([got_label == c for c in candidates], axis=0).all()
+    if scaled != (48, 80):  # (exactly half size is all ties)
+        clear = np.all([c == candidates[0] for c in candidates], axis=0)
+        assert clear.mean() > 0.5 and np.array_equal(got_label[clear], candidates[0][clear])
+
+
+def test_small_scaled_image_is_padded_with_zero_and_ignore_at_random_places():
     image, label = _blocks(64, 64)
     transform = TrainTransform(crop_size=(96, 128), scale_range=(0.5, 0.5), jitter=0.0,
                                flip_prob=0.0)
-    out_image, out_label = transform(image, label, np.random.default_rng(0))
-    assert (out_label[32:, :] == 255).all() and (out_label[:, 32:] == 255).all()
-    assert (out_label[:32, :32] != 255).all()
-    assert np.all(_denormalise(out_image)[40:, 40:] == 0)  # padded black before normalising
+    corners = set()
+    for seed in range(6):
+        out_image, out_label = transform(image, label, np.random.default_rng(seed))
+        kept = (out_label != 255).numpy()
+        rows, cols = np.flatnonzero(kept.any(1)), np.flatnonzero(kept.any(0))
+        assert len(rows) == 32 and len(cols) == 32 and kept.sum() == 32 * 32  # one 32x32 block
+        assert np.all(_denormalise(out_image)[~kept] == 0)  # padded black before normalising
+        top, left = rows[0], cols[0]
+        expected = cv2.resize(label, (32, 32), interpolation=cv2.INTER_NEAREST_EXACT)
+        assert np.array_equal(out_label.numpy()[top:top + 32, left:left + 32], expected)
+        corners.add((top, left))
+    assert len(corners) > 1
 
 
 def test_deterministic_given_the_rng_and_different_across_seeds():
@@ -60,23 +107,38 @@ def test_deterministic_given_the_rng_and_different_across_seeds():
     assert not torch.equal(a[0], c[0])
 
 
-def test_colour_jitter_matches_float_formula():
+@pytest.mark.parametrize("factors", [(1.2, 0.7, 1.3), (0.7, 1.35, 0.65), (1.0, 1.0, 1.0)])
+def test_colour_jitter_matches_torchvision(factors):
+    functional = pytest.importorskip("torchvision.transforms.functional")
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (20, 30, 3), np.uint8)
-    out = colour_jitter(image, 1.2, 0.7, 1.3).astype(float)
-    grey = lambda x: x @ np.array([0.299, 0.587, 0.114])  # noqa: E731
-    x = image.astype(float) * 1.2
-    x = np.clip((x - grey(image.astype(float)).mean() * 1.2) * 0.7 + grey(image).mean() * 1.2, 0,
-                255)
-    g = grey(np.round(x))[..., None]
-    expected = np.clip(g + (np.round(x) - g) * 1.3, 0, 255)
-    assert np.abs(out - expected).max() <= 2
+    brightness, contrast, saturation = factors
+    # float images: torchvision's uint8 path truncates after every step
+    ref = torch.from_numpy(image).permute(2, 0, 1).double() / 255
+    ref = functional.adjust_brightness(ref, brightness)
+    ref = functional.adjust_contrast(ref, contrast)
+    ref = functional.adjust_saturation(ref, saturation)
+    out = colour_jitter(image, brightness, contrast, saturation)
+    diff = np.abs(out.astype(float) - 255 * ref.permute(1, 2, 0).numpy())
+    assert diff.max() <= 2 and diff.mean() < 0.5
 
 
-def test_eval_transform_normalises_at_full_resolution():
-    image = np.full((5, 7, 3), 128, np.uint8)
-    tensor, label = EvalTransform()(image, np.zeros((5, 7), np.uint8))
-    expected = (128 / 255 - np.array(MEAN)) / np.array(STD)
-    assert tensor.shape == (3, 5, 7)
-    assert np.allclose(tensor[:, 0, 0].numpy(), expected, atol=1e-5)
-    assert label.dtype == torch.int64
+def test_jitter_changes_colours_but_not_labels():
+    image, label = _blocks()
+    plain = TrainTransform(crop_size=(64, 96), jitter=0.0)(image, label, np.random.default_rng(3))
+    jittered = TrainTransform(crop_size=(64, 96), jitter=0.4)(image, label,
+                                                              np.random.default_rng(3))
+    assert torch.equal(plain[1], jittered[1])
+    assert (plain[0] - jittered[0]).abs().max() > 0.1
+
+
+def test_to_tensor_and_eval_transform_normalise_at_full_resolution():
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
+    expected = (image.astype(np.float64) / 255 - np.array(MEAN)) / np.array(STD)
+    expected = torch.from_numpy(expected.transpose(2, 0, 1)).float()
+    assert torch.allclose(to_tensor(image, MEAN, STD), expected, atol=1e-5)
+    tensor, label = EvalTransform()(image, np.arange(35, dtype=np.uint8).reshape(5, 7))
+    assert tensor.shape == (3, 5, 7) and torch.allclose(tensor, expected, atol=1e-5)
+    assert label.dtype == torch.int64 and label[4, 6] == 34
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        to_tensor(image.astype(np.float32), MEAN, STD)
