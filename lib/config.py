@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lib.cityscapes import MEAN, STD
+from lib.evaluator import DEFAULT_SCALES, EvalOptions
 
 
 def _opt(default, help: str, **kwargs):  # noqa: A002 - mirrors argparse's keyword
@@ -83,6 +84,17 @@ class TrainConfig:
     # evaluation after training
     eval_at_end: bool = _opt(True, "evaluate on the validation split when training ends")
     eval_modes: tuple[str, ...] = _opt(("ss",), "evaluation modes: ss ssc msf mscf")
+    eval_scales: tuple[float, ...] = _opt(DEFAULT_SCALES, "scales of the msf / mscf modes")
+    eval_crop_size: tuple[int, int] = _opt((1024, 1024), "crop height and width of ssc / mscf")
+    eval_short_side: int | None = _opt(
+        None, "resize the short side to this before evaluating (ADE20K / COCO-Stuff protocol)"
+    )
+
+    def eval_options(self) -> EvalOptions:
+        """The protocol of this recipe's evaluation (also saved in checkpoints, read by
+        evaluate.py)."""
+        return EvalOptions(modes=self.eval_modes, scales=self.eval_scales,
+                           crop_size=self.eval_crop_size, short_side=self.eval_short_side)
 
     def resolved_output_dir(self) -> str:
         return self.output_dir or f"res/{self.model}"
@@ -185,3 +197,7 @@ def validate_config(cfg: TrainConfig) -> None:
     bad_modes = set(cfg.eval_modes) - {"ss", "ssc", "msf", "mscf"}
     if bad_modes:
         fail(f"unknown --eval-modes {sorted(bad_modes)}: use ss, ssc, msf, mscf")
+    try:
+        cfg.eval_options()
+    except ValueError as exc:
+        fail(f"evaluation options (--eval-*): {exc}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,19 @@ from lib.cityscapes import TRAIN_ID_TO_LABEL_ID
 from lib.config import TrainConfig
 from lib.data import build_dataset, dataset_info, prepare_dataset
 from lib.deploy import to_inference_form
-from lib.evaluator import DEFAULT_SCALES, evaluate, format_iou_table, iou_from_confusion
+from lib.evaluator import (
+    MODES,
+    EvalOptions,
+    PredictionWriter,
+    evaluate,
+    format_iou_table,
+    iou_from_confusion,
+)
 from lib.logger import setup_logging
 from lib.models import MODEL_NAMES
 
 logger = logging.getLogger("bisenet")
+DEFAULT = EvalOptions()
 
 
 def build_parser(default_ckpt: str, model_name: str | None) -> argparse.ArgumentParser:
@@ -40,18 +48,7 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
     if model_name is None:
         parser.add_argument("--model", choices=MODEL_NAMES, default=None,
                             help="model of a bare state dict (inferred from its keys if omitted)")
-    parser.add_argument("--mode", nargs="+", default=["ss"], choices=["ss", "ssc", "msf", "mscf"],
-                        help="ss: single scale; ssc: + sliding crops; msf: multi-scale + flip; "
-                             "mscf: both (default: %(default)s)")
-    parser.add_argument("--scales", nargs="+", type=float, default=list(DEFAULT_SCALES),
-                        help="scales of msf/mscf (default: %(default)s)")
-    parser.add_argument("--crop-size", nargs=2, type=int, default=[1024, 1024],
-                        help="crop height and width of ssc/mscf (default: %(default)s)")
-    parser.add_argument("--crop-overlap", type=float, default=1 / 3,
-                        help="overlap of neighbouring crops, as a fraction (default: 1/3)")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                        help="add horizontal flips in msf/mscf (default: on)")
-    parser.add_argument("--crop-batch", type=int, default=8, help="crops per forward pass")
+    add_protocol_arguments(parser)
     parser.add_argument("--split", default="val", help="val, test (no labels) or train")
     parser.add_argument("--dataset", default=data_defaults.dataset,
                         choices=["cityscapes", "list", "folders"])
@@ -72,6 +69,52 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
     return parser
 
 
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """The protocol's options. Left out, each takes the value of the recipe the checkpoint was
+    trained with (its dataset's protocol), else the Cityscapes protocol."""
+    group = parser.add_argument_group("protocol (see README, Evaluation)")
+    group.add_argument("--mode", nargs="+", default=["ss"], choices=MODES,
+                       help="ss: single scale; ssc: single scale, crops; msf: multi-scale + "
+                            "flip; mscf: multi-scale crops + flip (default: %(default)s)")
+    group.add_argument("--scales", nargs="+", type=float, default=None,
+                       help=f"scales of msf/mscf (default: {' '.join(map(str, DEFAULT.scales))})")
+    group.add_argument("--crop-size", nargs=2, type=int, default=None, metavar=("H", "W"),
+                       help="crop of ssc/mscf (default: the training recipe's evaluation crop, "
+                            f"else {DEFAULT.crop_size[0]} {DEFAULT.crop_size[1]})")
+    group.add_argument("--crop-stride", type=float, default=DEFAULT.crop_stride,
+                       help="step between crops as a fraction of the crop (default: 2/3)")
+    group.add_argument("--short-side", type=int, default=None,
+                       help="first resize the short side to this (ADE20K / COCO-Stuff protocol; "
+                            "0: never; default: the training recipe's, none for Cityscapes)")
+    group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=DEFAULT.flip,
+                       help="add horizontal flips in msf/mscf (default: on; --no-flip)")
+    group.add_argument("--crop-batch", type=int, default=DEFAULT.crop_batch,
+                       help="crops per forward pass (default: %(default)s)")
+
+
+def protocol_options(args: argparse.Namespace, recipe: Mapping[str, Any] | None = None
+                     ) -> EvalOptions:
+    """``EvalOptions`` from the command line, gaps filled from a checkpoint's saved config."""
+    recipe = recipe or {}
+
+    def given_or_recipe(value, key: str, fallback):
+        if value is not None:
+            return value
+        saved = recipe.get(key)
+        return fallback if saved is None else saved
+
+    short_side = given_or_recipe(args.short_side, "eval_short_side", None)
+    return EvalOptions(
+        modes=tuple(args.mode),
+        scales=tuple(given_or_recipe(args.scales, "eval_scales", DEFAULT.scales)),
+        crop_size=tuple(given_or_recipe(args.crop_size, "eval_crop_size", DEFAULT.crop_size)),
+        crop_stride=args.crop_stride,
+        flip=args.flip,
+        short_side=short_side or None,
+        crop_batch=args.crop_batch,
+    )
+
+
 def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final.pth",
          model_name: str | None = None) -> dict[str, Any]:
     args = build_parser(default_ckpt, model_name).parse_args(argv)
@@ -90,6 +133,7 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
     model, meta = load_model(args.ckpt, dist_info.device, model_name)
     model = to_inference_form(model)  # BatchNorm folded, no auxiliary heads: same outputs, faster
     saved = meta.get("config") or {}
+    options = protocol_options(args, saved)
     cfg = replace(
         TrainConfig(),
         model=meta["model"],
@@ -109,18 +153,19 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
     info = dataset_info(cfg, meta.get("class_names"))
     dataset = build_dataset(cfg, args.split, train=False)
     if dist_info.is_main:
-        logger.info("%s (%d classes) from %s on %d %s images, modes %s", meta["model"],
-                    meta["n_classes"], args.ckpt, len(dataset), args.split, " ".join(args.mode))
+        logger.info("%s (%d classes) from %s on %d %s images; %s", meta["model"],
+                    meta["n_classes"], args.ckpt, len(dataset), args.split, options.describe())
     is_cityscapes = cfg.dataset == "cityscapes" and cfg.n_classes == 19
-    results = evaluate(
-        model, dataset, cfg.n_classes, modes=tuple(args.mode), scales=tuple(args.scales),
-        crop_size=tuple(args.crop_size), crop_overlap=args.crop_overlap, flip=args.flip,
-        crop_batch=args.crop_batch, device=dist_info.device, ignore_index=cfg.ignore_index,
-        save_pred_dir=args.save_pred, save_colour=args.save_colour,
-        label_to_id=TRAIN_ID_TO_LABEL_ID if is_cityscapes else None,
-        palette=np.asarray(meta.get("palette", info.palette), np.uint8),
-        progress=dist_info.is_main,
-    )
+    writer = None
+    if args.save_pred:
+        palette = np.asarray(meta.get("palette", info.palette), np.uint8)
+        writer = PredictionWriter(args.save_pred,
+                                  label_to_id=TRAIN_ID_TO_LABEL_ID if is_cityscapes else None,
+                                  palette=palette if args.save_colour else None,
+                                  ignore_index=cfg.ignore_index)
+    results = evaluate(model, dataset, cfg.n_classes, options, device=dist_info.device,
+                       ignore_index=cfg.ignore_index, writer=writer,
+                       progress=dist_info.is_main)
     summary: dict[str, Any] = {}
     labelled = any(int(conf.sum()) > 0 for conf in results.values())
     if dist_info.is_main:

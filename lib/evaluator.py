@@ -1,33 +1,44 @@
-"""One evaluator for the four protocols the field reports (seed tips 4 and 5).
+"""One evaluator, with the arithmetic of the protocol behind the published BiSeNet tables.
 
-* ``ss``: the whole image at its own size;
-* ``ssc``: sliding-window crops over the image, probabilities averaged where crops overlap;
-* ``msf``: several scales, each with its horizontal flip, probabilities summed at the original size;
-* ``mscf``: both: crops at every scale, each crop also seen mirrored.
+The published mIoUs (e.g. 74.95 / 75.58 / 76.53 / 77.08 for ``model_final_v2_city.pth`` in
+ss / ssc / msf / mscf) were computed by the public reference implementation's evaluation script.
+This module computes the same numbers, point for point:
 
-Definitions (what a number produced here means):
+* **Start size** (``short_side``, ADE20K and COCO-Stuff only): the image is first resized so that
+  its short side has that length (bilinear, ``align_corners=False``; the long side
+  ``int(short_side / short * long)``). Scores are always accumulated at the label's size.
+* **ss / msf** (whole image): at each scale ``s`` the image is resized to
+  ``(ceil(int(s * H) / 32) * 32, ceil(int(s * W) / 32) * 32)`` (bilinear, ``align_corners=True``),
+  the logits are resized to the label's size (bilinear, ``align_corners=True``) and then turned
+  into probabilities (softmax); with flip the mirrored image's logits are flipped back, resized and
+  soft-maxed the same way and added. ``ss`` is scale 1 without flip; ``msf`` sums every
+  scale and both flips.
+* **ssc / mscf** (crops): at each scale the image is resized to ``(int(s * H), int(s * W))``
+  (bilinear, ``align_corners=True``, no rounding to 32). Unless it is larger than the crop in
+  both dimensions it is zero-padded (in normalised space) to at least the crop size, **centred**
+  (the extra row/column goes to the bottom/right). Windows of ``crop_size`` step by
+  ``ceil(crop * crop_stride)`` (stride 2/3 of the crop), the last one of each row/column moved
+  back to end at the border. A crop's score is ``softmax(logits)``; with flip it is
+  ``exp(softmax(logits) + softmax(mirrored logits, flipped back))``. Overlapping crop scores
+  are **summed**, the padding cut off, and the result resized to the label's size (bilinear,
+  ``align_corners=True``) and summed over the scales. ``ssc`` is scale 1 without flip.
 
-* An image is rescaled to ``(round(H * s), round(W * s))`` with bilinear interpolation
-  (``align_corners=False``); the class probabilities (softmax in float32) of every scale are
-  resized back the same way and summed at the original resolution.
-* Crops are ``crop_size`` windows with stride ``round(crop * (1 - crop_overlap))``, the last window
-  of each row/column touching the border; an image smaller than a crop is padded at the bottom
-  and right with zeros (the mean colour, in normalised space) and the scores cropped back. Inside
-  one scale the probabilities of overlapping crops are averaged.
-* The flip of a crop mode mirrors each crop (the same windows), so the windows never move; the flip
-  of a whole-image mode mirrors the image. The mirrored probabilities are flipped back and added.
-
-Passes shared by several requested modes are computed once: ``ss`` is the scale-1 unflipped pass
-of ``msf``, ``ssc`` that of ``mscf``. Flipped passes run as separate forward passes, so a mode's
-result is bit-for-bit the same whether it is requested alone or with others.
+The prediction is the arg-max of the summed scores. Passes shared by several requested modes run
+once (``ss`` is ``msf``'s scale-1 unflipped term; ``ssc``'s crop scores are ``mscf``'s unflipped
+crop softmaxes), so a mode's result does not depend on which other modes were requested.
 
 The confusion matrix lives on the evaluation device and is summed over the ranks, so N processes,
-each taking every N-th image, give exactly the single-process result.
+each taking every N-th image, give exactly the single-process result. IoU is
+``TP / (TP + FP + FN)`` per class; a class absent from both labels and predictions has no IoU and
+is left out of the mean. (The reference adds 1 to every denominator and counts such a class as 0:
+the two agree to 1e-7 whenever every class occurs, as on the published validation sets.)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -43,9 +54,60 @@ from lib.visualize import colourise
 
 MODES = ("ss", "ssc", "msf", "mscf")
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+SIZE_DIVISOR = 32  # whole-image passes feed sizes rounded up to this
 
-# (scale, with crops) identifies one pass over an image
-PassKey = tuple[float, bool]
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What a number means: the modes and the protocol's parameters (defaults: Cityscapes)."""
+
+    modes: tuple[str, ...] = ("ss",)
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    crop_size: tuple[int, int] = (1024, 1024)
+    crop_stride: float = 2 / 3
+    flip: bool = True
+    short_side: int | None = None
+    crop_batch: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modes", tuple(self.modes))
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        object.__setattr__(self, "crop_size", tuple(int(c) for c in self.crop_size))
+        if not self.modes:
+            raise ValueError("no evaluation mode given; choose from " + ", ".join(MODES))
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown evaluation mode {mode!r}; choose from "
+                                 f"{', '.join(MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"evaluation modes repeated: {list(self.modes)}")
+        if not self.scales or any(not s > 0 for s in self.scales):
+            raise ValueError(f"scales must be positive numbers, got {list(self.scales)}")
+        if len(set(self.scales)) != len(self.scales):
+            raise ValueError(f"scales repeated: {list(self.scales)}")
+        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+            raise ValueError(f"crop_size must be two positive integers (height, width), "
+                             f"got {self.crop_size}")
+        if not 0 < self.crop_stride <= 1:
+            raise ValueError(f"crop_stride must be in (0, 1] (a fraction of the crop), got "
+                             f"{self.crop_stride}")
+        if self.short_side is not None and self.short_side < 1:
+            raise ValueError(f"short_side must be a positive integer, got {self.short_side}")
+        if self.crop_batch < 1:
+            raise ValueError(f"crop_batch must be >= 1, got {self.crop_batch}")
+
+    def describe(self) -> str:
+        """One line for logs: the modes and the protocol's parameters that apply to them."""
+        parts = [f"modes {' '.join(self.modes)}"]
+        if self.short_side:
+            parts.append(f"short side {self.short_side}")
+        if {"msf", "mscf"} & set(self.modes):
+            parts.append(f"scales {', '.join(f'{s:g}' for s in self.scales)}, "
+                         f"flip {'on' if self.flip else 'off'}")
+        if {"ssc", "mscf"} & set(self.modes):
+            parts.append(f"crops {self.crop_size[0]}x{self.crop_size[1]} stride "
+                         f"{self.crop_stride:.4g}")
+        return "; ".join(parts)
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, n_classes: int,
@@ -91,26 +153,45 @@ def iou_from_confusion(conf: torch.Tensor | np.ndarray) -> tuple[np.ndarray, flo
     return iou, float(iou[present].mean()) if present.any() else float("nan")
 
 
-def window_starts(size: int, crop: int, overlap: float) -> list[int]:
-    """Start offsets of windows of length ``crop`` covering ``size`` (>= crop) with the given
-    overlap; the last window ends exactly at ``size``."""
-    if size <= crop:
-        return [0]
-    stride = max(1, int(crop * (1 - overlap) + 0.5))
-    starts = list(range(0, size - crop, stride))
-    return starts + [size - crop]
+def start_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    """The size an image is resized to before any scale: its short side set to ``short_side``."""
+    if short_side is None:
+        return height, width
+    if height < width:
+        return short_side, int(short_side / height * width)
+    return int(short_side / width * height), short_side
 
 
-def sliding_windows(height: int, width: int, crop: tuple[int, int], overlap: float
-                    ) -> list[tuple[int, int]]:
-    """(top, left) corners of the crop windows over a ``height`` x ``width`` image that is at
-    least as large as ``crop``, row by row."""
-    return [(top, left) for top in window_starts(height, crop[0], overlap)
-            for left in window_starts(width, crop[1], overlap)]
+def whole_image_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """Input size of a whole-image pass at ``scale``: truncated, then rounded up to 32."""
+    return tuple(math.ceil(int(scale * side) / SIZE_DIVISOR) * SIZE_DIVISOR
+                 for side in (height, width))
 
 
-def _probs(model: nn.Module, batch: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Float32 softmax of the model's main output for ``batch``."""
+def crop_windows(height: int, width: int, crop: tuple[int, int], stride_rate: float
+                 ) -> list[tuple[int, int]]:
+    """(top, left) of the crop windows over a ``height`` x ``width`` image (at least the crop's
+    size), row by row: steps of ``ceil(crop * stride_rate)``, the last window ending at the
+    border."""
+    def starts(size: int, length: int) -> list[int]:
+        stride = math.ceil(length * stride_rate)
+        count = math.ceil((size - length) / stride) + 1
+        return [min(size, stride * i + length) - length for i in range(count)]
+
+    return [(top, left) for top in starts(height, crop[0]) for left in starts(width, crop[1])]
+
+
+def centred_padding(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding of an image before cropping: none when it is larger
+    than the crop in both dimensions, else up to the crop size, centred."""
+    if crop[0] < height and crop[1] < width:
+        return 0, 0, 0, 0
+    extra_h, extra_w = max(crop[0], height) - height, max(crop[1], width) - width
+    return extra_h // 2, extra_h - extra_h // 2, extra_w // 2, extra_w - extra_w // 2
+
+
+def _logits(model: nn.Module, batch: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Float32 logits of the model's main output for ``batch``, at the input's resolution."""
     out = model(batch)
     if isinstance(out, (tuple, list)):  # a model that also returns auxiliary outputs
         out = out[0]
@@ -119,141 +200,117 @@ def _probs(model: nn.Module, batch: torch.Tensor, n_classes: int) -> torch.Tenso
     if out.shape[-2:] != batch.shape[-2:]:
         raise RuntimeError(f"the model returned {tuple(out.shape[-2:])} scores for a "
                            f"{tuple(batch.shape[-2:])} input; expected the input resolution")
-    return out.float().softmax(1)
+    return out.float()
 
 
-def _whole_pass(model: nn.Module, image: torch.Tensor, n_classes: int, flip: bool
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    plain = _probs(model, image, n_classes)
-    mirrored = _probs(model, image.flip(-1), n_classes).flip(-1) if flip else None
-    return plain, mirrored
+def _resize(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
-def _paste(target: torch.Tensor, probs: torch.Tensor, windows: list[tuple[int, int]],
-           crop: tuple[int, int]) -> None:
-    for (top, left), p in zip(windows, probs, strict=True):
-        target[0, :, top:top + crop[0], left:left + crop[1]] += p
+class _Accumulator:
+    """Summed scores [1, C, H, W] of each requested mode at the label's size."""
+
+    def __init__(self, modes: Sequence[str]) -> None:
+        self.totals: dict[str, torch.Tensor] = {}
+        self.modes = set(modes)
+
+    def add(self, mode: str, scores: torch.Tensor) -> None:
+        if mode in self.modes:
+            if mode in self.totals:
+                self.totals[mode].add_(scores)
+            else:
+                self.totals[mode] = scores.clone()
 
 
-def _crop_pass(model: nn.Module, image: torch.Tensor, n_classes: int, crop: tuple[int, int],
-               overlap: float, flip: bool, crop_batch: int
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Crop-averaged probabilities of ``image`` [1,3,h,w] and, with ``flip``, of its mirrored
-    crops (flipped back). ``crop_batch`` crops go through the model at once."""
-    _, _, height, width = image.shape
-    pad_h, pad_w = max(crop[0] - height, 0), max(crop[1] - width, 0)
-    if pad_h or pad_w:  # smaller than a crop: pad with zeros (normalised space), crop back below
-        image = F.pad(image, (0, pad_w, 0, pad_h))
-    full_h, full_w = image.shape[-2:]
-    windows = sliding_windows(full_h, full_w, crop, overlap)
-    shape = (1, n_classes, full_h, full_w)
-    plain = image.new_zeros(shape, dtype=torch.float32)
-    mirrored = image.new_zeros(shape, dtype=torch.float32) if flip else None
-    count = image.new_zeros((1, 1, full_h, full_w), dtype=torch.float32)
-    for first in range(0, len(windows), crop_batch):
-        chunk = windows[first:first + crop_batch]
-        crops = torch.cat([image[..., t:t + crop[0], left:left + crop[1]] for t, left in chunk])
-        _paste(plain, _probs(model, crops, n_classes), chunk, crop)
-        if mirrored is not None:
-            _paste(mirrored, _probs(model, crops.flip(-1), n_classes).flip(-1), chunk, crop)
-        for t, left in chunk:
-            count[..., t:t + crop[0], left:left + crop[1]] += 1
-    plain = plain.div_(count)[..., :height, :width]
-    if mirrored is not None:
-        mirrored = mirrored.div_(count)[..., :height, :width]
-    return plain, mirrored
+def _scales_to_run(options: EvalOptions, single: str, multi: str, modes: set[str]
+                   ) -> list[float]:
+    """Scales in the order the multi-scale mode sums them, plus 1.0 for the single-scale mode."""
+    scales = list(options.scales) if multi in modes else []
+    if single in modes and 1.0 not in scales:
+        scales.append(1.0)
+    return scales
 
 
-def _resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
+def _whole_image_passes(model: nn.Module, image: torch.Tensor, size: tuple[int, int],
+                        n_classes: int, options: EvalOptions, acc: _Accumulator) -> None:
     height, width = image.shape[-2:]
-    size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
-    if size == (height, width):
-        return image  # no interpolation at all: scale 1 is exactly the input
-    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    for scale in _scales_to_run(options, "ss", "msf", acc.modes):
+        scaled = _resize(image, whole_image_size(height, width, scale), align_corners=True)
+        probs = _resize(_logits(model, scaled, n_classes), size, True).softmax(1)
+        if scale == 1.0:
+            acc.add("ss", probs)
+        if "msf" not in acc.modes or scale not in options.scales:
+            continue
+        acc.add("msf", probs)
+        if options.flip:  # added on its own, in the order the reference adds the terms
+            mirrored = _logits(model, scaled.flip(-1), n_classes).flip(-1)
+            acc.add("msf", _resize(mirrored, size, True).softmax(1))
 
 
-def _mode_passes(mode: str, scales: Sequence[float], flip: bool) -> list[tuple[PassKey, bool]]:
-    """The passes a mode sums, as ((scale, crops), flipped too), in ascending scale order."""
-    crops = mode in ("ssc", "mscf")
-    if mode in ("ss", "ssc"):
-        return [((1.0, crops), False)]
-    return [((float(s), crops), flip) for s in sorted(scales)]
+def _crop_scores(model: nn.Module, image: torch.Tensor, n_classes: int, options: EvalOptions,
+                 plain: bool, flipped: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Summed crop scores of one scaled image: ``softmax`` (``plain``) and, with ``flipped``,
+    ``exp(softmax + mirrored softmax)``, both with the padding cut off."""
+    crop = options.crop_size
+    height, width = image.shape[-2:]
+    top, bottom, left, right = centred_padding(height, width, crop)
+    if top or bottom or left or right:
+        image = F.pad(image, (left, right, top, bottom))
+    full_h, full_w = image.shape[-2:]
+    windows = crop_windows(full_h, full_w, crop, options.crop_stride)
+    shape = (1, n_classes, full_h, full_w)
+    plain_sum = image.new_zeros(shape, dtype=torch.float32) if plain else None
+    flip_sum = image.new_zeros(shape, dtype=torch.float32) if flipped else None
+    for first in range(0, len(windows), options.crop_batch):
+        chunk = windows[first:first + options.crop_batch]
+        crops = torch.cat([image[..., t:t + crop[0], c:c + crop[1]] for t, c in chunk])
+        probs = _logits(model, crops, n_classes).softmax(1)
+        if flipped:
+            both = (probs + _logits(model, crops.flip(-1), n_classes).flip(-1).softmax(1)).exp_()
+        for i, (t, c) in enumerate(chunk):
+            if plain_sum is not None:
+                plain_sum[0, :, t:t + crop[0], c:c + crop[1]] += probs[i]
+            if flip_sum is not None:
+                flip_sum[0, :, t:t + crop[0], c:c + crop[1]] += both[i]
+    keep = (..., slice(top, top + height), slice(left, left + width))
+    return (plain_sum[keep] if plain else None), (flip_sum[keep] if flipped else None)
 
 
-def _check_options(modes: Sequence[str], scales: Sequence[float], crop_size: Sequence[int],
-                   crop_overlap: float, crop_batch: int) -> None:
-    if not modes:
-        raise ValueError("no evaluation mode given; choose from " + ", ".join(MODES))
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"unknown evaluation mode {mode!r}; choose from {', '.join(MODES)}")
-    if len(set(modes)) != len(modes):
-        raise ValueError(f"evaluation modes repeated: {list(modes)}")
-    if any(m in ("msf", "mscf") for m in modes):
-        if not scales or any(not s > 0 for s in scales):
-            raise ValueError(f"scales must be positive numbers, got {list(scales)}")
-        if len(set(scales)) != len(scales):
-            raise ValueError(f"scales repeated: {list(scales)}")
-    if len(crop_size) != 2 or any(int(c) < 1 for c in crop_size):
-        raise ValueError(f"crop_size must be two positive integers (height, width), "
-                         f"got {crop_size}")
-    if not 0 <= crop_overlap < 1:
-        raise ValueError(f"crop_overlap must be in [0, 1), got {crop_overlap}")
-    if crop_batch < 1:
-        raise ValueError(f"crop_batch must be >= 1, got {crop_batch}")
+def _crop_passes(model: nn.Module, image: torch.Tensor, size: tuple[int, int], n_classes: int,
+                 options: EvalOptions, acc: _Accumulator) -> None:
+    height, width = image.shape[-2:]
+    for scale in _scales_to_run(options, "ssc", "mscf", acc.modes):
+        scaled = _resize(image, (int(height * scale), int(width * scale)), align_corners=True)
+        for_ssc = "ssc" in acc.modes and scale == 1.0
+        for_mscf = "mscf" in acc.modes and scale in options.scales
+        # without flip, mscf's crop score is the plain softmax, as ssc's
+        plain, flipped = _crop_scores(model, scaled, n_classes, options,
+                                      plain=for_ssc or (for_mscf and not options.flip),
+                                      flipped=for_mscf and options.flip)
+        if for_ssc:
+            acc.add("ssc", _resize(plain, size, True))
+        if for_mscf:
+            acc.add("mscf", _resize(flipped if options.flip else plain, size, True))
 
 
-def _predict_modes(model: nn.Module, image: torch.Tensor, modes: Sequence[str], n_classes: int,
-                   scales: Sequence[float], crop_size: Sequence[int], crop_overlap: float,
-                   flip: bool, crop_batch: int) -> dict[str, torch.Tensor]:
-    """Summed probabilities [1, C, H, W] of every mode, each pass computed once."""
+def predict_scores(model: nn.Module, image: torch.Tensor, options: EvalOptions, n_classes: int,
+                   label_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Summed scores [1, C, H, W] of each of ``options.modes`` for ``image`` [1, 3, h, w], at
+    ``label_size`` (default: the image's size). The arg-max over C is the prediction."""
     if model.training:
         raise RuntimeError("the model is in training mode: call model.eval() before predicting")
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected one image [1, 3, H, W], got shape {tuple(image.shape)}")
-    crop = (int(crop_size[0]), int(crop_size[1]))
-    uses = {mode: _mode_passes(mode, scales, flip) for mode in modes}
-    needs_flip: dict[PassKey, bool] = {}
-    for passes in uses.values():
-        for key, flipped in passes:
-            needs_flip[key] = needs_flip.get(key, False) or flipped
-    height, width = image.shape[-2:]
-    totals: dict[str, torch.Tensor] = {}
-    for key in sorted(needs_flip):  # ascending scale, so every mode adds its scales in order
-        scale, crops = key
-        scaled = _resize_image(image, scale)
-        if crops:
-            plain, mirrored = _crop_pass(model, scaled, n_classes, crop, crop_overlap,
-                                         needs_flip[key], crop_batch)
-        else:
-            plain, mirrored = _whole_pass(model, scaled, n_classes, needs_flip[key])
-        for mode, passes in uses.items():
-            for used_key, flipped in passes:
-                if used_key != key:
-                    continue
-                probs = plain + mirrored if flipped else plain
-                if probs.shape[-2:] != (height, width):
-                    probs = F.interpolate(probs, size=(height, width), mode="bilinear",
-                                          align_corners=False)
-                totals[mode] = probs.clone() if mode not in totals else totals[mode].add_(probs)
-        del plain, mirrored
-    return totals
-
-
-@torch.inference_mode()
-def predict_probs(model: nn.Module, image: torch.Tensor, mode: str, n_classes: int,
-                  scales: Sequence[float] = DEFAULT_SCALES, crop_size: Sequence[int] = (1024, 1024),
-                  crop_overlap: float = 1 / 3, flip: bool = True, crop_batch: int = 8
-                  ) -> torch.Tensor:
-    """Class probabilities [1, C, H, W] of ``image`` [1, 3, H, W] under ``mode``, summed over
-    the scales and flips of that mode (``ss``/``ssc``: one pass, so they sum to 1).
-
-    ``model`` must be in eval mode and on ``image``'s device; its output must have the input's
-    resolution. ``flip`` and ``scales`` only concern ``msf`` and ``mscf``.
-    """
-    _check_options((mode,), scales, crop_size, crop_overlap, crop_batch)
-    return _predict_modes(model, image, (mode,), n_classes, scales, crop_size, crop_overlap,
-                          flip, crop_batch)[mode]
+    size = tuple(label_size) if label_size is not None else tuple(image.shape[-2:])
+    if options.short_side is not None:
+        image = _resize(image, start_size(*image.shape[-2:], options.short_side), False)
+    acc = _Accumulator(options.modes)
+    with torch.inference_mode():
+        if {"ss", "msf"} & acc.modes:
+            _whole_image_passes(model, image, size, n_classes, options, acc)
+        if {"ssc", "mscf"} & acc.modes:
+            _crop_passes(model, image, size, n_classes, options, acc)
+    return {mode: acc.totals[mode] for mode in options.modes}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -264,44 +321,64 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+@dataclass
+class PredictionWriter:
+    """Where and how ``--save-pred`` writes predictions.
+
+    One PNG per image at ``<folder>/<image's folder>/<image's name>.png`` (Cityscapes:
+    ``<city>/<name>_leftImg8bit.png``, the benchmark server's layout), values mapped through
+    ``label_to_id`` (a 256-entry uint8 table, e.g. trainIds -> labelIds; None writes class ids).
+    With a ``palette`` a colourised copy ``<name>_colour.png`` goes to the same sub-folder of the
+    sibling ``<folder>_colour``: the official Cityscapes evaluation matches every
+    ``<city>_<seq>_<frame>*.png`` below the results folder and would reject a second file there.
+    """
+
+    folder: Path
+    label_to_id: np.ndarray | None = None
+    palette: np.ndarray | None = None
+    ignore_index: int = 255
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+        if self.label_to_id is not None:
+            self.label_to_id = np.asarray(self.label_to_id)
+            if self.label_to_id.dtype != np.uint8 or self.label_to_id.shape != (256,):
+                raise ValueError(f"label_to_id must be a uint8 table of shape (256,), got "
+                                 f"{self.label_to_id.dtype} {self.label_to_id.shape}")
+        if self.palette is not None:
+            self.palette = np.asarray(self.palette, np.uint8).reshape(-1, 3)
+
+    def write(self, pred: torch.Tensor, image_path: str | Path) -> None:
+        class_ids = pred.to(torch.uint8).cpu().numpy()
+        target = prediction_path(image_path, self.folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        values = self.label_to_id[class_ids] if self.label_to_id is not None else class_ids
+        if not cv2.imwrite(str(target), values):
+            raise OSError(f"could not write {target}")
+        if self.palette is not None:
+            colour_dir = self.folder.with_name(self.folder.name + "_colour") / target.parent.name
+            colour_dir.mkdir(parents=True, exist_ok=True)
+            colour_path = colour_dir / f"{target.stem}_colour.png"
+            rgb = colourise(class_ids, self.palette, self.ignore_index)
+            if not cv2.imwrite(str(colour_path), np.ascontiguousarray(rgb[..., ::-1])):
+                raise OSError(f"could not write {colour_path}")
+
+
 def evaluate(
-    model: nn.Module, dataset, n_classes: int, modes: Sequence[str] = ("ss",),
-    scales: Sequence[float] = DEFAULT_SCALES, crop_size: Sequence[int] = (1024, 1024),
-    crop_overlap: float = 1 / 3, flip: bool = True, crop_batch: int = 8,
+    model: nn.Module, dataset, n_classes: int, options: EvalOptions = EvalOptions(),
     device: torch.device | str | None = None, ignore_index: int = 255,
-    save_pred_dir: str | Path | None = None, save_colour: bool = False,
-    label_to_id: np.ndarray | None = None, palette: np.ndarray | None = None,
-    progress: bool = True, num_workers: int = 2,
+    writer: PredictionWriter | None = None, progress: bool = True, num_workers: int = 2,
 ) -> dict[str, torch.Tensor]:
-    """Confusion matrix ([C, C] int64, on the CPU) of each mode over ``dataset``.
+    """Confusion matrix ([C, C] int64, on the CPU) of each of ``options.modes`` over ``dataset``.
 
     ``dataset[i]`` is ``(image [3, H, W] float, label [H, W] int64)`` and ``dataset.pairs[i][0]``
     the image's path. Under ``torch.distributed`` rank r evaluates images r, r + N, ... and every
     rank receives the summed matrices. Images whose label is all ``ignore_index`` (a test split)
-    are predicted but add nothing to the matrices.
-
-    ``save_pred_dir`` receives one PNG per image with the prediction of the **last** mode listed,
-    at ``<save_pred_dir>/<image's folder>/<image's name>.png`` (Cityscapes:
-    ``<city>/<name>_leftImg8bit.png``, the benchmark server's layout), its values mapped through
-    ``label_to_id`` (a 256-entry uint8 table, e.g. trainIds -> labelIds; None writes class ids).
-    With ``save_colour`` a colourised copy, ``<name>_colour.png`` coloured with ``palette``, goes
-    to the same sub-folder of the sibling directory ``<save_pred_dir>_colour``: the official
-    Cityscapes evaluation matches every ``<city>_<seq>_<frame>*.png`` below the results folder and
-    would reject a second file per image there.
+    are predicted but add nothing to the matrices. ``writer`` saves the prediction of the
+    **last** mode listed.
     """
-    modes = tuple(modes)
-    _check_options(modes, scales, crop_size, crop_overlap, crop_batch)
     if len(dataset) == 0:
         raise ValueError("the evaluation dataset is empty")
-    if label_to_id is not None:
-        label_to_id = np.asarray(label_to_id)
-        if label_to_id.dtype != np.uint8 or label_to_id.shape != (256,):
-            raise ValueError(f"label_to_id must be a uint8 table of shape (256,), got "
-                             f"{label_to_id.dtype} {label_to_id.shape}")
-    if save_pred_dir is not None and save_colour:
-        if palette is None:
-            raise ValueError("save_colour needs a palette")
-        palette = np.asarray(palette, np.uint8).reshape(-1, 3)
     model = _unwrap(model)
     if device is None:
         device = next(model.parameters()).device
@@ -310,6 +387,7 @@ def evaluate(
     indices = list(range(rank, len(dataset), world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
+    modes = options.modes
     confusion = {m: torch.zeros(n_classes, n_classes, dtype=torch.long, device=device)
                  for m in modes}
     bar = tqdm(zip(indices, loader, strict=True), total=len(indices),
@@ -318,21 +396,18 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            for index, (image, label) in bar:
-                image = image.to(device, non_blocking=True)
-                label = label.to(device, non_blocking=True)
-                probs = _predict_modes(model, image, modes, n_classes, scales, crop_size,
-                                       crop_overlap, flip, crop_batch)
-                for mode in modes:
-                    pred = probs[mode].argmax(1)
-                    try:
-                        confusion[mode] += confusion_matrix(pred, label, n_classes, ignore_index)
-                    except ValueError as exc:
-                        raise ValueError(f"{dataset.pairs[index][0]}: {exc}") from None
-                if save_pred_dir is not None:
-                    _save_prediction(pred[0], Path(dataset.pairs[index][0]), Path(save_pred_dir),
-                                     label_to_id, palette if save_colour else None, ignore_index)
+        for index, (image, label) in bar:
+            image = image.to(device, non_blocking=True)
+            label = label.to(device, non_blocking=True)
+            scores = predict_scores(model, image, options, n_classes, label.shape[-2:])
+            for mode in modes:
+                pred = scores[mode].argmax(1)
+                try:
+                    confusion[mode] += confusion_matrix(pred, label, n_classes, ignore_index)
+                except ValueError as exc:
+                    raise ValueError(f"{dataset.pairs[index][0]}: {exc}") from None
+            if writer is not None:
+                writer.write(pred[0], dataset.pairs[index][0])
     finally:
         model.train(was_training)
     for conf in confusion.values():
@@ -344,24 +419,6 @@ def prediction_path(image_path: str | Path, out_dir: str | Path) -> Path:
     """Where the prediction of ``image_path`` is written: ``out_dir/<folder>/<stem>.png``."""
     image_path = Path(image_path)
     return Path(out_dir) / image_path.parent.name / (image_path.stem + ".png")
-
-
-def _save_prediction(pred: torch.Tensor, image_path: Path, out_dir: Path,
-                     label_to_id: np.ndarray | None, palette: np.ndarray | None,
-                     ignore_index: int) -> None:
-    class_ids = pred.to(torch.uint8).cpu().numpy()
-    target = prediction_path(image_path, out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    values = label_to_id[class_ids] if label_to_id is not None else class_ids
-    if not cv2.imwrite(str(target), values):
-        raise OSError(f"could not write {target}")
-    if palette is not None:
-        colour_dir = out_dir.with_name(out_dir.name + "_colour") / target.parent.name
-        colour_dir.mkdir(parents=True, exist_ok=True)
-        colour_path = colour_dir / f"{target.stem}_colour.png"
-        rgb = colourise(class_ids, palette, ignore_index)
-        if not cv2.imwrite(str(colour_path), np.ascontiguousarray(rgb[..., ::-1])):
-            raise OSError(f"could not write {colour_path}")
 
 
 def format_iou_table(results: dict[str, torch.Tensor], class_names: Sequence[str]) -> str:

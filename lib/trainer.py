@@ -35,6 +35,7 @@ from lib.checkpoint import (
 )
 from lib.config import TrainConfig
 from lib.data import DatasetInfo, build_dataset, dataset_info, prepare_dataset, worker_init
+from lib.deploy import to_inference_form
 from lib.evaluator import evaluate, format_iou_table, iou_from_confusion
 from lib.inference import save_example_prediction
 from lib.logger import setup_logging
@@ -350,19 +351,22 @@ def _save_periodic(cfg, dist_info, out_dir, info, model, it, optimizer, schedule
 
 
 def _evaluate_at_end(cfg, dist_info, out_dir, info, model) -> dict[str, Any]:
+    """The recipe's evaluation, on the model's inference form: the very computation that
+    ``evaluate.py`` runs on the saved ``model_final.pth``, so both print the same numbers."""
     val_set = build_dataset(cfg, "val", train=False)
-    model.eval()
-    results = evaluate(model, val_set, cfg.n_classes, modes=cfg.eval_modes,
-                       device=dist_info.device, ignore_index=cfg.ignore_index,
-                       progress=dist_info.is_main)
+    options = cfg.eval_options()
+    inference_model = to_inference_form(model)
+    results = evaluate(inference_model, val_set, cfg.n_classes, options, device=dist_info.device,
+                       ignore_index=cfg.ignore_index, progress=dist_info.is_main)
     summary: dict[str, Any] = {}
     if dist_info.is_main:
-        logger.info("validation (%d images):\n%s", len(val_set),
+        logger.info("validation (%d images; %s):\n%s", len(val_set), options.describe(),
                     format_iou_table(results, info.class_names))
         for mode, conf in results.items():
             summary[f"miou_{mode}"] = iou_from_confusion(conf)[1]
-        example = save_example_prediction(model, val_set, 0, out_dir / "example_prediction.png",
-                                          info.palette, dist_info.device)
+        example = save_example_prediction(inference_model, val_set, 0,
+                                          out_dir / "example_prediction.png", info.palette,
+                                          dist_info.device)
         logger.info("colourised prediction of %s written to %s", val_set.pairs[0][0], example)
     return summary
 

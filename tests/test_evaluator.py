@@ -1,14 +1,20 @@
-"""The evaluator against straightforward, independently written computations.
+"""The evaluator against an independent, plainly written implementation of the published protocol.
 
-Models with known outputs: a per-pixel model reading the class from the image (translation
-equivariant, so crops must reproduce the whole image), a variant that is not flip-symmetric (its
-scores depend on the x position inside its input), and a small random conv net checked against
-explicit loops over scales, flips and crops.
+``reference_scores`` below re-implements, one image, one scale and one crop at a time, the
+arithmetic of the public reference implementation's evaluation script that produced the published
+BiSeNet tables: whole-image passes at sizes rounded up to 32 with ``align_corners=True``, logits
+resized before the softmax; crops of stride ceil(2/3 crop), centred zero padding, per-crop
+``exp(softmax + flipped softmax)``, overlapping crops summed. Every mode of ``lib.evaluator`` must
+give the same scores (to float rounding) and the same confusion matrices, on small random nets
+and on BiSeNetV1/V2 built from published-layout state dicts, for non-square images smaller and
+larger than the crop.
 """
 
 import math
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -21,45 +27,37 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, PALETTE, TRAIN_ID_TO_LABEL_ID
+from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, MEAN, PALETTE, STD, TRAIN_ID_TO_LABEL_ID
 from lib.evaluator import (
+    EvalOptions,
+    PredictionWriter,
+    centred_padding,
     confusion_matrix,
+    crop_windows,
     evaluate,
     format_iou_table,
     iou_from_confusion,
-    predict_probs,
-    sliding_windows,
+    predict_scores,
+    start_size,
+    whole_image_size,
 )
+from lib.models import build_model
+from lib.toy_cityscapes import generate_toy_cityscapes
+from tests.test_models import expected_layout, random_state_from_listing
 
+ROOT = Path(__file__).resolve().parents[1]
 C = 4
 SCALES = (0.5, 1.0, 1.25)
-CROP = (32, 40)
-SIZES = [(48, 96), (40, 72), (48, 96), (48, 96), (44, 80)]
-
-
-class PixelClassifier(nn.Module):
-    """Logits ``-4 (x0 - k)^2`` for class k: channel 0 of the image encodes the class. With
-    ``ramp`` the logit of class k also gets ``ramp * k * u``, u going 0 -> 1 across the input's
-    width: no longer flip-symmetric."""
-
-    def __init__(self, n_classes: int = C, ramp: float = 0.0):
-        super().__init__()
-        self.sharpness = nn.Parameter(torch.tensor(4.0))
-        self.n_classes, self.ramp = n_classes, ramp
-        self.eval()
-
-    def forward(self, x):
-        k = torch.arange(self.n_classes, dtype=x.dtype).view(1, -1, 1, 1)
-        logits = -self.sharpness * (x[:, :1] - k) ** 2
-        if self.ramp:
-            u = torch.linspace(0, 1, x.shape[-1]).view(1, 1, 1, -1)
-            logits = logits + self.ramp * k * u
-        return logits
+CROP = (40, 48)
+# smaller than the crop in one or both dimensions, larger in both, sizes not multiples of 32
+SIZES = [(36, 60), (30, 44), (50, 70), (45, 90), (70, 52)]
 
 
 def conv_net(seed: int = 0) -> nn.Module:
+    """A small net whose scores depend on the position inside its input (zero padding), so
+    flips, crops and padding placement all change its output."""
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, C, 3, padding=1))
+    net = nn.Sequential(nn.Conv2d(3, 6, 5, padding=2), nn.ReLU(), nn.Conv2d(6, C, 5, padding=2))
     with torch.no_grad():
         net[2].weight.mul_(3)  # livelier scores
     return net.eval()
@@ -92,82 +90,108 @@ def random_dataset(seed: int = 0, n: int = len(SIZES)) -> MemoryDataset:
     return MemoryDataset(images, labels)
 
 
-def encoded_dataset(seed: int = 0) -> MemoryDataset:
-    """Blocky labels written into channel 0 of the image (ignored pixels carry some class)."""
-    gen = torch.Generator().manual_seed(seed)
-    images, labels = [], []
-    for h, w in SIZES[:3]:
-        blocks = torch.randint(0, C - 1, (h // 8 + 1, w // 8 + 1), generator=gen)  # class 3 absent
-        classes = blocks.repeat_interleave(8, 0).repeat_interleave(8, 1)[:h, :w]
-        image = torch.randn(3, h, w, generator=gen)
-        image[0] = classes.float()
-        label = classes.clone()
-        label[:, :5] = 255
-        images.append(image)
-        labels.append(label)
-    return MemoryDataset(images, labels)
+# ---------------------------------------------------------------- the reference protocol
+def ref_logits(net, x):
+    out = net(x)
+    return (out[0] if isinstance(out, (tuple, list)) else out).float()
 
 
-# ---------------------------------------------------------------- independent reference
-def ref_window_starts(size, crop, overlap):
-    stride = round(crop * (1 - overlap))
-    if size <= crop:
-        return [0]
-    starts, pos = [], 0
-    while pos + crop < size:
-        starts.append(pos)
-        pos += stride
-    return starts + [size - crop]
-
-
-def ref_crop_probs(model, img, crop, overlap, mirrored):
-    h, w = img.shape[-2:]
-    padded = torch.zeros(1, 3, max(h, crop[0]), max(w, crop[1]))
-    padded[..., :h, :w] = img
-    total = torch.zeros(1, C, *padded.shape[-2:])
-    count = torch.zeros(1, 1, *padded.shape[-2:])
-    for top in ref_window_starts(padded.shape[-2], crop[0], CROP_OVERLAP):
-        for left in ref_window_starts(padded.shape[-1], crop[1], CROP_OVERLAP):
-            piece = padded[..., top:top + crop[0], left:left + crop[1]]
-            if mirrored:
-                p = torch.softmax(model(torch.flip(piece, [3])), 1)
-                p = torch.flip(p, [3])
-            else:
-                p = torch.softmax(model(piece), 1)
-            total[..., top:top + crop[0], left:left + crop[1]] += p
-            count[..., top:top + crop[0], left:left + crop[1]] += 1
-    return (total / count)[..., :h, :w]
-
-
-CROP_OVERLAP = 1 / 3
-
-
-def ref_probs(model, image, mode, scales=SCALES, crop=CROP, flip=True):
-    """Explicit loops over scales, flips and crops."""
+def ref_whole_image(net, image, size, scales, flip):
+    """ss / msf: sum over scales of softmax(resize(logits)) (+ the same for the mirror)."""
     height, width = image.shape[-2:]
-    if mode in ("ss", "ssc"):
-        scales, flips = [1.0], [False]
+    total = torch.zeros(1, ref_logits(net, image[..., :32, :32]).shape[1], *size)
+    for s in scales:
+        sh = math.ceil(int(s * height) / 32) * 32
+        sw = math.ceil(int(s * width) / 32) * 32
+        scaled = F.interpolate(image, size=(sh, sw), mode="bilinear", align_corners=True)
+        logits = F.interpolate(ref_logits(net, scaled), size=size, mode="bilinear",
+                               align_corners=True)
+        total = total + torch.softmax(logits, dim=1)
+        if flip:
+            logits = torch.flip(ref_logits(net, torch.flip(scaled, dims=(3,))), dims=(3,))
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+            total = total + torch.softmax(logits, dim=1)
+    return total
+
+
+def ref_crop_chip(net, chip, flip):
+    prob = torch.softmax(ref_logits(net, chip), dim=1)
+    if flip:
+        mirrored = torch.flip(ref_logits(net, torch.flip(chip, dims=(3,))), dims=(3,))
+        prob = torch.exp(prob + torch.softmax(mirrored, dim=1))
+    return prob
+
+
+def ref_crops(net, image, crop, flip):
+    """Crops of one scaled image: centred zero padding unless larger than the crop in both
+    dimensions, windows every ceil(2/3 crop), the last one moved back to the border, chip scores
+    summed where they overlap, padding cut off."""
+    _, channels, height, width = image.shape
+    crop_h, crop_w = crop
+    if crop_h < height and crop_w < width:
+        padded, top, left = image, 0, 0
     else:
-        flips = [False, True] if flip else [False]
-    out = torch.zeros(1, C, height, width)
+        pad_h, pad_w = max(crop_h, height), max(crop_w, width)
+        top, left = (pad_h - height) // 2, (pad_w - width) // 2
+        padded = torch.zeros(1, channels, pad_h, pad_w)
+        padded[:, :, top:top + height, left:left + width] = image
+    full_h, full_w = padded.shape[-2:]
+    stride_h, stride_w = math.ceil(crop_h * 2 / 3), math.ceil(crop_w * 2 / 3)
+    rows = math.ceil((full_h - crop_h) / stride_h) + 1
+    cols = math.ceil((full_w - crop_w) / stride_w) + 1
+    total = None
+    for i in range(rows):
+        for j in range(cols):
+            end_h = min(full_h, stride_h * i + crop_h)
+            end_w = min(full_w, stride_w * j + crop_w)
+            st_h, st_w = end_h - crop_h, end_w - crop_w
+            score = ref_crop_chip(net, padded[:, :, st_h:end_h, st_w:end_w], flip)
+            if total is None:
+                total = torch.zeros(1, score.shape[1], full_h, full_w)
+            total[:, :, st_h:end_h, st_w:end_w] += score
+    return total[:, :, top:top + height, left:left + width]
+
+
+def ref_crop_modes(net, image, size, scales, crop, flip):
+    height, width = image.shape[-2:]
+    total = 0
+    for s in scales:
+        scaled = F.interpolate(image, size=(int(height * s), int(width * s)), mode="bilinear",
+                               align_corners=True)
+        scores = ref_crops(net, scaled, crop, flip)
+        total = total + F.interpolate(scores, size=size, mode="bilinear", align_corners=True)
+    return total
+
+
+def reference_scores(net, image, mode, scales=SCALES, crop=CROP, flip=True, short_side=None,
+                     size=None):
+    """Scores of ``mode`` at ``size`` (default: the image's), the reference's arithmetic."""
+    size = tuple(size or image.shape[-2:])
+    if short_side is not None:
+        h, w = image.shape[-2:]
+        new = (short_side, int(short_side / h * w)) if h < w else (int(short_side / w * h),
+                                                                     short_side)
+        image = F.interpolate(image, size=new, mode="bilinear", align_corners=False)
     with torch.no_grad():
-        for s in scales:
-            h, w = math.floor(height * s + 0.5), math.floor(width * s + 0.5)
-            img = image
-            if (h, w) != (height, width):
-                img = F.interpolate(image, size=(h, w), mode="bilinear", align_corners=False)
-            for mirrored in flips:
-                if mode in ("ssc", "mscf"):
-                    p = ref_crop_probs(model, img, crop, CROP_OVERLAP, mirrored)
-                elif mirrored:
-                    p = torch.flip(torch.softmax(model(torch.flip(img, [3])), 1), [3])
-                else:
-                    p = torch.softmax(model(img), 1)
-                if (h, w) != (height, width):
-                    p = F.interpolate(p, size=(height, width), mode="bilinear",
-                                      align_corners=False)
-                out += p
-    return out
+        if mode == "ss":
+            return ref_whole_image(net, image, size, (1.0,), False)
+        if mode == "msf":
+            return ref_whole_image(net, image, size, scales, flip)
+        if mode == "ssc":
+            return ref_crop_modes(net, image, size, (1.0,), crop, False)
+        return ref_crop_modes(net, image, size, scales, crop, flip)
+
+
+def published_layout_state(name: str, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors in the published checkpoints' layout, BatchNorms made neutral (mean 0,
+    variance 1, scale 1) so that a random net still predicts many classes."""
+    state = random_state_from_listing(expected_layout(name), seed=seed)
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            value.zero_()
+        elif key.endswith("running_var") or (key.endswith(".weight") and value.dim() == 1):
+            value.fill_(1.0)
+    return state
 
 
 def ref_confusion(pred, label, n=C, ignore=255):
@@ -176,6 +200,13 @@ def ref_confusion(pred, label, n=C, ignore=255):
         if t != ignore:
             conf[t, p] += 1
     return conf
+
+
+def ref_miou_reference_formula(conf):
+    """The reference's metric: TP / (TP + FP + FN + 1), mean over every class."""
+    conf = np.asarray(conf, np.float64)
+    tp = np.diag(conf)
+    return float(np.mean(tp / (conf.sum(0) + conf.sum(1) - tp + 1)))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -187,8 +218,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-OPTS = dict(scales=SCALES, crop_size=CROP, crop_overlap=CROP_OVERLAP, flip=True, crop_batch=3)
-EVAL_OPTS = dict(OPTS, device="cpu", progress=False, num_workers=0)
+OPTIONS = EvalOptions(modes=("ss", "ssc", "msf", "mscf"), scales=SCALES, crop_size=CROP,
+                      crop_batch=3)
+RUN = dict(device="cpu", progress=False, num_workers=0)
 
 
 # ---------------------------------------------------------------- confusion / IoU
@@ -220,6 +252,13 @@ def test_iou_of_an_absent_class_is_nan_and_excluded_from_the_mean():
     assert math.isnan(iou_from_confusion(torch.zeros(3, 3, dtype=torch.long))[1])
 
 
+def test_miou_equals_the_reference_formula_when_every_class_occurs():
+    # a Cityscapes-sized confusion matrix: the reference's +1 is invisible at 0.01 points
+    gen = np.random.default_rng(0)
+    conf = gen.integers(0, 2_000_000, (19, 19)) + np.diag(gen.integers(10**7, 10**8, 19))
+    assert 100 * abs(iou_from_confusion(conf)[1] - ref_miou_reference_formula(conf)) < 1e-4
+
+
 def test_format_iou_table_has_a_column_per_mode_and_dashes_for_absent_classes():
     results = {"ss": torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]]),
                "msf": torch.tensor([[4, 0, 0], [0, 2, 0], [0, 0, 0]])}
@@ -234,134 +273,208 @@ def test_format_iou_table_has_a_column_per_mode_and_dashes_for_absent_classes():
         format_iou_table(results, ["road"])
 
 
-# ---------------------------------------------------------------- windows and modes
-@pytest.mark.parametrize(("size", "crop"), [((48, 96), (32, 40)), ((100, 23), (30, 23)),
-                                            ((1024, 2048), (1024, 1024))])
-def test_sliding_windows_cover_the_image_with_the_stride(size, crop):
-    windows = sliding_windows(*size, crop, 1 / 3)
-    covered = np.zeros(size, int)
-    for top, left in windows:
-        assert top + crop[0] <= size[0] and left + crop[1] <= size[1]
-        covered[top:top + crop[0], left:left + crop[1]] += 1
-    assert covered.min() >= 1
-    tops, lefts = sorted({t for t, _ in windows}), sorted({x for _, x in windows})
-    assert tops[-1] == size[0] - crop[0] and lefts[-1] == size[1] - crop[1]
-    for starts, c in ((tops, crop[0]), (lefts, crop[1])):
-        steps = np.diff(starts)
-        assert all(s == round(c * 2 / 3) for s in steps[:-1]) and all(steps <= round(c * 2 / 3))
-    if size == (1024, 2048):
-        assert lefts == [0, 683, 1024] and tops == [0]
+# ---------------------------------------------------------------- sizes, windows, padding
+def test_sizes_windows_and_padding_of_the_protocol_worked_by_hand():
+    # whole-image passes: int(scale * side), rounded up to a multiple of 32
+    assert whole_image_size(1024, 2048, 0.75) == (768, 1536)
+    assert whole_image_size(1024, 2048, 1.75) == (1792, 3584)
+    assert whole_image_size(720, 960, 1.0) == (736, 960)  # CamVid: 720 is not a multiple of 32
+    assert whole_image_size(720, 960, 0.5) == (384, 480)
+    assert whole_image_size(375, 500, 1.25) == (480, 640)  # int(468.75) = 468 -> 480
+    # Cityscapes crops: stride ceil(1024 * 2/3) = 683, the last window moved back to the border
+    assert crop_windows(1024, 2048, (1024, 1024), 2 / 3) == [(0, 0), (0, 683), (0, 1024)]
+    assert crop_windows(1536, 3072, (1024, 1024), 2 / 3) == [
+        (0, 0), (0, 683), (0, 1366), (0, 2048), (512, 0), (512, 683), (512, 1366), (512, 2048)]
+    assert crop_windows(640, 640, (640, 640), 2 / 3) == [(0, 0)]
+    # centred padding unless larger than the crop in BOTH dimensions; odd extra goes below/right
+    assert centred_padding(1024, 2048, (1024, 1024)) == (0, 0, 0, 0)
+    assert centred_padding(1025, 2048, (1024, 1024)) == (0, 0, 0, 0)
+    assert centred_padding(501, 700, (640, 640)) == (69, 70, 0, 0)
+    assert centred_padding(700, 501, (640, 640)) == (0, 0, 69, 70)
+    assert centred_padding(300, 401, (512, 512)) == (106, 106, 55, 56)
+    # ADE20K / COCO-Stuff start size: short side set, long side truncated
+    assert start_size(500, 700, 512) == (512, 716)
+    assert start_size(700, 500, 640) == (896, 640)
+    assert start_size(500, 700, None) == (500, 700)
 
 
-@pytest.mark.parametrize("mode", ["ss", "ssc", "msf", "mscf"])
-def test_probabilities_match_the_reference_loops(mode):
-    model = conv_net()
-    image = torch.randn(1, 3, 48, 96, generator=torch.Generator().manual_seed(3))
-    probs = predict_probs(model, image, mode, C, **OPTS)
-    expected = ref_probs(model, image, mode)
-    assert probs.shape == (1, C, 48, 96)
-    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
-    n_terms = 1 if mode in ("ss", "ssc") else 2 * len(SCALES)
-    torch.testing.assert_close(probs.sum(1), torch.full((1, 48, 96), float(n_terms)))
+# ---------------------------------------------------------------- scores against the reference
+@pytest.mark.parametrize("size", [(36, 60), (50, 70), (70, 52)])
+@pytest.mark.parametrize("flip", [True, False])
+def test_every_mode_equals_the_reference_arithmetic(size, flip):
+    net = conv_net()
+    image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    options = EvalOptions(modes=("ss", "ssc", "msf", "mscf"), scales=SCALES, crop_size=CROP,
+                          flip=flip, crop_batch=3)
+    scores = predict_scores(net, image, options, C)
+    for mode in options.modes:
+        expected = reference_scores(net, image, mode, flip=flip)
+        assert scores[mode].shape == (1, C, *size)
+        torch.testing.assert_close(scores[mode], expected, rtol=1e-5, atol=1e-5, msg=mode)
 
 
-def test_without_flip_and_with_scale_one_msf_is_ss():
-    model = conv_net()
-    image = torch.randn(1, 3, 40, 72)
-    ss = predict_probs(model, image, "ss", C)
-    msf = predict_probs(model, image, "msf", C, scales=(1.0,), flip=False)
-    assert torch.equal(ss, msf)
-    expected = ref_probs(model, image, "msf", scales=(0.75, 1.5), flip=False)
-    torch.testing.assert_close(
-        predict_probs(model, image, "msf", C, scales=(1.5, 0.75), flip=False), expected)
+def test_scores_are_made_at_the_label_size_after_a_short_side_resize():
+    net = conv_net(1)
+    image = torch.randn(1, 3, 30, 44, generator=torch.Generator().manual_seed(4))
+    options = EvalOptions(modes=("ss", "ssc", "msf", "mscf"), scales=(0.75, 1.0), crop_size=CROP,
+                          short_side=48, crop_batch=2)
+    scores = predict_scores(net, image, options, C)
+    for mode in options.modes:
+        expected = reference_scores(net, image, mode, scales=(0.75, 1.0), short_side=48)
+        assert scores[mode].shape == (1, C, 30, 44)
+        torch.testing.assert_close(scores[mode], expected, rtol=1e-5, atol=1e-5, msg=mode)
 
 
-@pytest.mark.parametrize("crop", [(32, 40), (64, 128), (20, 200)])  # overlap, padding, both
-def test_crops_reproduce_the_whole_image_for_a_pointwise_model(crop):
-    model = PixelClassifier()
-    image = torch.randn(1, 3, 48, 96) * 2 + 1.5
-    opts = dict(OPTS, crop_size=crop)
-    whole = predict_probs(model, image, "ss", C, **opts)
-    torch.testing.assert_close(predict_probs(model, image, "ssc", C, **opts), whole)
-    torch.testing.assert_close(predict_probs(model, image, "mscf", C, **opts),
-                               predict_probs(model, image, "msf", C, **opts))
+def test_crops_are_summed_not_averaged_and_padding_is_centred():
+    """Closed forms: a net returning constant logits gives each pixel (number of crops covering
+    it) x softmax; with flip, that times exp(2 softmax)."""
+
+    class Constant(nn.Module):
+        def forward(self, x):
+            return torch.arange(C, dtype=x.dtype).view(1, C, 1, 1).expand(x.shape[0], C,
+                                                                          *x.shape[-2:])
+
+    image = torch.randn(1, 3, 30, 100)  # padded to 40 rows (5 above, 5 below), 3 column windows
+    p = torch.softmax(torch.arange(C, dtype=torch.float32), 0).view(1, C, 1, 1)
+    coverage = torch.zeros(30, 100)
+    for left in (0, 32, 52):  # stride ceil(48 * 2/3) = 32; last window 100 - 48
+        coverage[:, left:left + 48] += 1
+    net = Constant().eval()
+    ssc = predict_scores(net, image, EvalOptions(modes=("ssc",), crop_size=CROP), C)["ssc"]
+    torch.testing.assert_close(ssc, coverage * p)
+    mscf = predict_scores(net, image, EvalOptions(modes=("mscf",), scales=(1.0,),
+                                                         crop_size=CROP), C)["mscf"]
+    torch.testing.assert_close(mscf, coverage * torch.exp(2 * p))
 
 
-def test_flips_are_undone():
-    model = PixelClassifier(ramp=3.0)
-    image = torch.randn(1, 3, 16, 24) + 1.5
-    k = torch.arange(C, dtype=torch.float32).view(1, -1, 1, 1)
-    u = torch.linspace(0, 1, 24).view(1, 1, 1, -1)
-    base = -4 * (image[:, :1] - k) ** 2
-    # the mirrored pass sees position 1 - u at the pixel that sits at u
-    expected = torch.softmax(base + 3 * k * u, 1) + torch.softmax(base + 3 * k * (1 - u), 1)
-    probs = predict_probs(model, image, "msf", C, scales=(1.0,), flip=True)
-    torch.testing.assert_close(probs, expected)
-    # crops: each (whole-image-sized) crop mirrored and flipped back, the same closed form
-    probs = predict_probs(model, image, "mscf", C, scales=(1.0,), crop_size=(16, 24))
-    torch.testing.assert_close(probs, expected)
+def test_a_mode_does_not_depend_on_the_others_requested():
+    net, image = conv_net(), torch.randn(1, 3, 50, 70)
+    together = predict_scores(net, image, OPTIONS, C)
+    for mode in OPTIONS.modes:
+        alone = predict_scores(net, image, EvalOptions(modes=(mode,), scales=SCALES,
+                                                       crop_size=CROP, crop_batch=3), C)[mode]
+        assert torch.equal(alone, together[mode]), mode
+
+
+@pytest.mark.parametrize("name", ["bisenetv1", "bisenetv2"])
+def test_published_layout_models_equal_the_reference_in_every_mode(name):
+    """BiSeNetV1 / V2 with a state dict of the published checkpoints' layout (random values):
+    every mode's confusion matrix equals the reference arithmetic's, images smaller and larger
+    than the crop, not multiples of 32."""
+    model = build_model(name, 19)
+    model.load_state_dict(published_layout_state(name, seed=5))
+    model.eval()
+    gen = torch.Generator().manual_seed(6)
+    sizes, crop, scales = [(48, 80), (100, 150)], (64, 64), (0.75, 1.0, 1.25)
+    images = [torch.randn(3, h, w, generator=gen) for h, w in sizes]
+    refs = {mode: [reference_scores(model, img[None], mode, scales=scales, crop=crop)[0]
+                   for img in images] for mode in ("ss", "ssc", "msf", "mscf")}
+    labels = []
+    for i in range(len(images)):  # labels: the reference's own predictions, perturbed
+        label = refs["msf"][i].argmax(0)
+        noise = torch.rand(label.shape, generator=gen)
+        label[noise < 0.3] = torch.randint(0, 19, (int((noise < 0.3).sum()),), generator=gen)
+        for scores in (r[i] for r in refs.values()):  # drop pixels within float noise of a tie
+            top2 = scores.topk(2, dim=0).values
+            label[(top2[0] - top2[1]) < 1e-4 * top2[0]] = 255
+        labels.append(label)
+    dataset = MemoryDataset(images, labels)
+    options = EvalOptions(modes=("ss", "ssc", "msf", "mscf"), scales=scales, crop_size=crop)
+    results = evaluate(model, dataset, 19, options, **RUN)
+    for mode, preds in refs.items():
+        expected = sum(ref_confusion(p.argmax(0).numpy(), lab.numpy(), 19)
+                       for p, lab in zip(preds, labels, strict=True))
+        np.testing.assert_array_equal(results[mode].numpy(), expected, err_msg=mode)
+        assert len(np.flatnonzero(expected.sum(0))) >= 3  # the nets predict several classes
+
+
+def test_published_format_state_dict_through_the_evaluate_command(tmp_path):
+    """`python evaluate.py --ckpt <bare state dict> --mode ss ssc msf mscf` on real PNGs prints
+    per mode the mIoU that the reference arithmetic gives on the same files (to 0.01)."""
+    root = generate_toy_cityscapes(tmp_path / "toy", n_train=0, n_val=2, height=90, width=170,
+                                   seed=3)
+    state = published_layout_state("bisenetv2", seed=8)
+    ckpt = tmp_path / "model_final_v2_city.pth"
+    torch.save(state, ckpt)
+    done = subprocess.run(
+        [sys.executable, "evaluate.py", "--ckpt", str(ckpt), "--data-root", str(root),
+         "--mode", "ss", "ssc", "msf", "mscf", "--crop-size", "64", "64", "--scales", "0.75",
+         "1.25", "--device", "cpu", "--num-workers", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+            if line.startswith("|")]
+    assert rows[0] == ["class", "ss", "ssc", "msf", "mscf"]
+    printed = dict(zip(rows[0][1:], rows[-1][1:], strict=True))
+
+    model = build_model("bisenetv2", 19)
+    model.load_state_dict(state)
+    model.eval()
+    mean, std = np.asarray(MEAN), np.asarray(STD)
+    confusion = {mode: np.zeros((19, 19), np.int64) for mode in printed}
+    for image_path in sorted((root / "leftImg8bit" / "val").rglob("*_leftImg8bit.png")):
+        rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1] / 255.0
+        image = torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1)).float()[None]
+        label_path = str(image_path).replace("leftImg8bit", "gtFine").replace(
+            "gtFine.png", "gtFine_labelIds.png")
+        label = LABEL_ID_TO_TRAIN_ID[cv2.imread(label_path, cv2.IMREAD_UNCHANGED)]
+        for mode in printed:
+            pred = reference_scores(model, image, mode, scales=(0.75, 1.25), crop=(64, 64))
+            confusion[mode] += ref_confusion(pred[0].argmax(0).numpy(), label, 19)
+    for mode, conf in confusion.items():
+        tp = np.diag(conf).astype(np.float64)
+        union = conf.sum(0) + conf.sum(1) - tp
+        expected = 100 * np.mean(tp[union > 0] / union[union > 0])  # present classes only
+        assert float(printed[mode]) == pytest.approx(expected, abs=0.01), mode
 
 
 def test_bad_options_are_rejected():
-    image = torch.zeros(1, 3, 8, 8)
     with pytest.raises(ValueError, match="'mss'"):
-        predict_probs(conv_net(), image, "mss", C)
+        EvalOptions(modes=("mss",))
     with pytest.raises(ValueError, match="scales repeated"):
-        predict_probs(conv_net(), image, "msf", C, scales=(1.0, 1.0))
+        EvalOptions(modes=("msf",), scales=(1.0, 1.0))
+    with pytest.raises(ValueError, match="crop_stride"):
+        EvalOptions(crop_stride=0)
+    image = torch.zeros(1, 3, 8, 8)
     with pytest.raises(ValueError, match="outputs 4 classes but n_classes=19"):
-        predict_probs(conv_net(), image, "ss", 19)
+        predict_scores(conv_net(), image, EvalOptions(), 19)
     with pytest.raises(RuntimeError, match="training mode"):
-        predict_probs(conv_net().train(), image, "ss", C)
+        predict_scores(conv_net().train(), image, EvalOptions(), C)
 
 
 # ---------------------------------------------------------------- evaluate()
-def test_identity_model_scores_perfectly_and_absent_class_keeps_miou_finite():
-    dataset = encoded_dataset()
-    results = evaluate(PixelClassifier(), dataset, C, modes=("ss", "ssc"), **EVAL_OPTS)
-    counts = np.bincount(torch.cat([lab.ravel() for lab in dataset.labels]).numpy(),
-                         minlength=256)[:C]
-    for conf in results.values():
-        np.testing.assert_array_equal(conf.numpy(), np.diag(counts))
-        iou, miou = iou_from_confusion(conf)
-        assert np.isnan(iou[3]) and miou == 1.0  # class 3 never occurs
+def test_perfect_model_scores_one_and_an_absent_class_keeps_miou_finite():
+    class ReadsTheClass(nn.Module):  # channel 0 of the image holds the class
+        def forward(self, x):
+            k = torch.arange(C, dtype=x.dtype).view(1, -1, 1, 1)
+            return -8 * (x[:, :1] - k) ** 2
 
-
-def _reference_dataset():
-    """Random images; labels random, but ignored wherever some mode's top two classes are within
-    1e-4 (there the argmax of two correct computations may legitimately differ)."""
-    model, dataset = conv_net(), random_dataset()
-    ref_preds = {m: [] for m in ("ss", "ssc", "msf", "mscf")}
-    for i, image in enumerate(dataset.images):
-        ambiguous = torch.zeros(image.shape[-2:], dtype=torch.bool)
-        for mode, preds in ref_preds.items():
-            probs = ref_probs(model, image[None], mode)[0]
-            top2 = probs.topk(2, dim=0).values
-            ambiguous |= (top2[0] - top2[1]) < 1e-4
-            preds.append(probs.argmax(0))
-        dataset.labels[i][ambiguous] = 255
-    return model, dataset, ref_preds
-
-
-def test_every_mode_matches_the_reference_and_modes_share_passes_exactly():
-    model, dataset, ref_preds = _reference_dataset()
-    together = evaluate(model, dataset, C, modes=("ss", "ssc", "msf", "mscf"), **EVAL_OPTS)
-    for mode, preds in ref_preds.items():
-        expected = sum(ref_confusion(p.numpy(), lab.numpy())
-                       for p, lab in zip(preds, dataset.labels, strict=True))
-        np.testing.assert_array_equal(together[mode].numpy(), expected, err_msg=mode)
-        assert iou_from_confusion(together[mode])[1] == pytest.approx(
-            iou_from_confusion(torch.from_numpy(expected))[1])
-    for mode in ("ss", "mscf"):  # alone: bit-for-bit the same as within the group
-        alone = evaluate(model, dataset, C, modes=(mode,), **EVAL_OPTS)[mode]
-        assert torch.equal(alone, together[mode])
+    gen = torch.Generator().manual_seed(0)
+    images, labels = [], []
+    for h, w in [(32, 64), (64, 96), (96, 32)]:  # multiples of 32: ss feeds them unresized
+        classes = torch.randint(0, C - 1, (h // 8 + 1, w // 8 + 1), generator=gen)  # no class 3
+        classes = classes.repeat_interleave(8, 0).repeat_interleave(8, 1)[:h, :w]
+        image = torch.randn(3, h, w, generator=gen)
+        image[0] = classes.float()
+        label = classes.clone()
+        label[:, :5] = 255
+        images.append(image)
+        labels.append(label)
+    dataset = MemoryDataset(images, labels)
+    results = evaluate(ReadsTheClass(), dataset, C, EvalOptions(modes=("ss",)), **RUN)
+    counts = np.bincount(torch.cat([lab.ravel() for lab in labels]).numpy(), minlength=256)[:C]
+    np.testing.assert_array_equal(results["ss"].numpy(), np.diag(counts))
+    iou, miou = iou_from_confusion(results["ss"])
+    assert np.isnan(iou[3]) and miou == 1.0
 
 
 def test_saved_predictions_are_label_ids_and_round_trip(tmp_path):
     model, dataset = conv_net(), random_dataset(n=3)
     out = tmp_path / "pred"
-    results = evaluate(model, dataset, C, modes=("ss", "msf"), save_pred_dir=out,
-                       save_colour=True, label_to_id=TRAIN_ID_TO_LABEL_ID, palette=PALETTE,
-                       **EVAL_OPTS)
+    writer = PredictionWriter(out, label_to_id=TRAIN_ID_TO_LABEL_ID, palette=PALETTE)
+    options = EvalOptions(modes=("ss", "msf"), scales=SCALES)
+    results = evaluate(model, dataset, C, options, writer=writer, **RUN)
     conf = torch.zeros(C, C, dtype=torch.long)
     written = set()
     for (image_path, _), label in zip(dataset.pairs, dataset.labels, strict=True):
@@ -382,8 +495,8 @@ def test_saved_predictions_are_label_ids_and_round_trip(tmp_path):
 def test_unlabelled_split_gives_predictions_only(tmp_path):
     dataset = random_dataset(n=2)
     dataset.labels = [torch.full_like(lab, 255) for lab in dataset.labels]
-    results = evaluate(conv_net(), dataset, C, modes=("ss",), save_pred_dir=tmp_path,
-                       **EVAL_OPTS)
+    results = evaluate(conv_net(), dataset, C, EvalOptions(), writer=PredictionWriter(tmp_path),
+                       **RUN)
     assert int(results["ss"].sum()) == 0
     assert sorted(p.name for p in tmp_path.rglob("*.png")) == sorted(
         p.name for p, _ in dataset.pairs)
@@ -394,7 +507,8 @@ def test_unlabelled_split_gives_predictions_only(tmp_path):
 def test_model_mode_is_restored_and_ddp_like_wrappers_are_unwrapped():
     model = conv_net().train()
     wrapped = nn.DataParallel(model)  # moves the model to the first GPU when there is one
-    results = evaluate(wrapped, random_dataset(n=1), C, **dict(EVAL_OPTS, device=None))
+    results = evaluate(wrapped, random_dataset(n=1), C, EvalOptions(),
+                       **dict(RUN, device=None))
     assert model.training and int(results["ss"].sum()) > 0
 
 
@@ -409,7 +523,7 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        results = evaluate(conv_net(), random_dataset(), C, modes=("ss", "mscf"), **EVAL_OPTS)
+        results = evaluate(conv_net(), random_dataset(), C, OPTIONS, **RUN)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -417,7 +531,7 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 def test_two_gloo_processes_give_exactly_the_single_process_result(tmp_path):
     mp.spawn(_gloo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    single = evaluate(conv_net(), random_dataset(), C, modes=("ss", "mscf"), **EVAL_OPTS)
+    single = evaluate(conv_net(), random_dataset(), C, OPTIONS, **RUN)
     for rank in range(2):  # 5 images: ranks take 3 and 2; both get the sum
         multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for mode in single:

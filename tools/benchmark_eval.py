@@ -2,9 +2,9 @@
 
     python tools/benchmark_eval.py                # BiSeNetV2, one 1024x2048 image, all modes
     python tools/benchmark_eval.py --n 3 --device cuda
-    python tools/benchmark_eval.py --size 512 1024 --modes ss msf
+    python tools/benchmark_eval.py --size 512 1024 --mode ss msf
 
-What is timed, per image: ``lib.evaluator.predict_probs`` followed by the arg-max, i.e. every
+What is timed, per image: ``lib.evaluator.predict_scores`` followed by the arg-max, i.e. every
 network forward pass (batch 1, or ``--crop-batch`` crops), the softmax, the image and score
 resizing and the crop stitching, in eager PyTorch, float32, with random weights (the speed does
 not depend on them). Not timed: reading/decoding/normalising the image, copying it to the device,
@@ -26,12 +26,14 @@ import json  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
 from lib.distributed import select_device  # noqa: E402
-from lib.evaluator import DEFAULT_SCALES, MODES, predict_probs  # noqa: E402
+from lib.evaluate_cmd import add_protocol_arguments, protocol_options  # noqa: E402
+from lib.evaluator import MODES, predict_scores  # noqa: E402
 from lib.models import MODEL_NAMES, build_model  # noqa: E402
 
 
@@ -40,16 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODEL_NAMES, default="bisenetv2")
     parser.add_argument("--n-classes", type=int, default=19)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--n", type=int, default=1, help="timed images per mode")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed runs first (default: 1 on CUDA, 0 on the CPU)")
     parser.add_argument("--size", nargs=2, type=int, default=[1024, 2048], metavar=("H", "W"))
-    parser.add_argument("--scales", nargs="+", type=float, default=list(DEFAULT_SCALES))
-    parser.add_argument("--crop-size", nargs=2, type=int, default=[1024, 1024])
-    parser.add_argument("--crop-overlap", type=float, default=1 / 3)
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--crop-batch", type=int, default=8)
+    add_protocol_arguments(parser)
+    parser.set_defaults(mode=list(MODES))  # every mode unless --mode says otherwise
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--worker", choices=MODES, default=None, help=argparse.SUPPRESS)
@@ -71,11 +69,10 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         calls["pixels"] += inputs[0].shape[0] * inputs[0].shape[-2] * inputs[0].shape[-1]
 
     hook = model.register_forward_pre_hook(count)
+    options = replace(protocol_options(args), modes=(mode,))
 
     def predict() -> None:
-        probs = predict_probs(model, image, mode, args.n_classes, args.scales, args.crop_size,
-                              args.crop_overlap, args.flip, args.crop_batch)
-        probs.argmax(1)
+        predict_scores(model, image, options, args.n_classes)[mode].argmax(1)
 
     cuda = device.type == "cuda"
     for _ in range(args.warmup if args.warmup is not None else int(cuda)):
@@ -114,7 +111,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rows = []
-    for mode in args.modes:
+    options = protocol_options(args)
+    for mode in options.modes:
         done = subprocess.run([sys.executable, __file__, *argv, "--worker", mode],
                               capture_output=True, text=True)
         if done.returncode != 0:
@@ -123,10 +121,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"{mode}: {rows[-1]['seconds']:.3f} s/image", file=sys.stderr, flush=True)
     first = rows[0]
     print(f"{args.model}, random {args.size[0]}x{args.size[1]} input, {first['device']}"
-          f" ({first['threads']} CPU threads), {args.n} image(s) per mode; scales "
-          f"{args.scales}, crops {args.crop_size[0]}x{args.crop_size[1]} overlap "
-          f"{args.crop_overlap:.3f}, flip {args.flip}, crop batch {args.crop_batch}")
-    print("timed: predict_probs + argmax (forwards, softmax, resizing, crop stitching); "
+          f" ({first['threads']} CPU threads), {args.n} image(s) per mode; "
+          f"{options.describe()}, crop batch {options.crop_batch}")
+    print("timed: predict_scores + argmax (forwards, softmax, resizing, crop stitching); "
           "not timed: image loading/normalisation, host-to-device copy, metrics")
     memory = "peak CUDA MiB" if first["device"].startswith("cuda") else "peak RSS growth MiB"
     print(tabulate([[r["mode"], f"{r['seconds']:.3f}", r["forwards"], f"{r['mpix']:.2f}",
