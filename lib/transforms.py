@@ -84,9 +84,12 @@ def colour_jitter(image: np.ndarray, brightness: float, contrast: float, saturat
     if brightness != 1.0 or contrast != 1.0:
         image = cv2.LUT(image, jitter_tables(brightness, contrast))
     if saturation != 1.0:
-        pixels = image.reshape(-1, 3).astype(np.float32)
-        mixed = np.matmul(pixels, saturation_matrix(saturation)) / np.float32(3)
-        image = np.clip(mixed, 0, 255).astype(np.uint8).reshape(image.shape)
+        # (3, 3) @ (3, N) on planar channels: the same three float32 products and sums per value
+        # as (N, 3) @ M, but a matrix product shape BLAS handles several times faster
+        planar = np.stack(cv2.split(image)).reshape(3, -1).astype(np.float32)
+        mixed = np.matmul(saturation_matrix(saturation).T, planar) / np.float32(3)
+        channels = np.clip(mixed, 0, 255).astype(np.uint8).reshape(3, *image.shape[:2])
+        image = cv2.merge(list(channels))
     return image
 
 
