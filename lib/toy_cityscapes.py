@@ -12,6 +12,15 @@ tiles, foliage noise, stripes), shape (wheels, heads, thin poles) and position (
 horizon, road below). Images are generated on demand, deterministically from a seed:
 
     python -m lib.toy_cityscapes --root data/toy_cityscapes --height 128 --width 256
+
+Variants, for checking that a recipe does not rely on the default toy's particulars (the defaults
+leave the default toy's bytes unchanged):
+
+* ``--class-colour-prob P``: each element takes, with probability P, a colour near its own class's
+  base colour instead of the shared palette, so colour becomes partly informative, as in real
+  street scenes (the colour-only baseline rises with P);
+* ``--object-density D``: D times as many cars, people and poles (rounded);
+* ``--texture-strength T``: the class textures' contrast times T (0: flat colours).
 """
 
 from __future__ import annotations
@@ -29,21 +38,36 @@ ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = (
 EGO_VEHICLE, STATIC = 1, 4  # void: mapped to ignore
 CITIES = {"train": ("aachen", "bremen", "hamburg"), "val": ("frankfurt", "lindau"),
           "test": ("berlin",)}
+# Base colours of the classes when ``class_colour_prob`` > 0 (RGB, well apart from each other).
+CLASS_COLOURS = {
+    SKY: (110, 160, 215), BUILDING: (150, 100, 80), VEGETATION: (60, 140, 50),
+    ROAD: (95, 95, 100), SIDEWALK: (190, 170, 150), TERRAIN: (160, 185, 80),
+    CAR: (40, 60, 150), PERSON: (200, 60, 70), POLE: (205, 205, 60), SIGN: (230, 130, 30),
+}
 
 
 class _Canvas:
     """The image being painted (float RGB) and its label-id map."""
 
-    def __init__(self, height: int, width: int, rng: np.random.Generator) -> None:
+    def __init__(self, height: int, width: int, rng: np.random.Generator,
+                 class_colour_prob: float = 0.0, texture_strength: float = 1.0) -> None:
         self.h, self.w, self.rng = height, width, rng
+        self.class_colour_prob = class_colour_prob
+        self.texture_strength = texture_strength
         self.unit = height / 128.0  # texture sizes follow the image size
         self.image = np.zeros((height, width, 3), np.float32)
         self.label = np.zeros((height, width), np.uint8)
         self.yy, self.xx = np.mgrid[0:height, 0:width].astype(np.float32)
         self.patterns = self._patterns()
 
-    def colour(self) -> np.ndarray:
-        """One colour of the palette shared by every class."""
+    def colour(self, label_id: int | None = None) -> np.ndarray:
+        """One colour of the palette shared by every class or, with probability
+        ``class_colour_prob``, one near ``label_id``'s base colour."""
+        # no extra random draw when the option is off: the default toy's bytes stay the same
+        if self.class_colour_prob > 0 and label_id in CLASS_COLOURS:
+            if self.rng.random() < self.class_colour_prob:
+                base = np.asarray(CLASS_COLOURS[label_id], np.float32)
+                return np.clip(base + self.rng.uniform(-20, 20, size=3), 0, 255).astype(np.float32)
         return self.rng.uniform(40, 215, size=3).astype(np.float32)
 
     def _patterns(self) -> dict[int, np.ndarray]:
@@ -58,7 +82,7 @@ class _Canvas:
         period = 10 * u
         windows = ((xx % period < 0.55 * period) & (yy % (1.3 * period) < 0.6 * period))
         tiles = ((xx % (8 * u) < 1.2 * u) | (yy % (5 * u) < 1.0 * u))
-        return {
+        patterns = {
             SKY: 1.0 + 0.25 * (yy / self.h - 0.3),  # smooth vertical gradient
             BUILDING: np.where(windows, 0.55, 1.15),
             VEGETATION: 1.0 + 0.35 * blurred_noise(1.2 * u),
@@ -70,11 +94,14 @@ class _Canvas:
             POLE: 1.0 + 0.0 * xx,
             SIGN: 1.0 + 0.0 * xx,
         }
+        if self.texture_strength != 1.0:  # skipped at 1: same floats as before
+            patterns = {k: 1.0 + self.texture_strength * (p - 1.0) for k, p in patterns.items()}
+        return patterns
 
     def paint(self, mask: np.ndarray, label_id: int, colour: np.ndarray | None = None,
               window: tuple[slice, slice] | None = None) -> None:
         window = window or (slice(None), slice(None))
-        colour = self.colour() if colour is None else colour
+        colour = self.colour(label_id) if colour is None else colour
         pattern = self.patterns.get(label_id)
         image, label = self.image[window], self.label[window]
         shade = pattern[window][mask] if pattern is not None else 1.0
@@ -101,9 +128,16 @@ class _Canvas:
         self.paint(mask, label_id, colour, (ys, xs))
 
 
-def draw_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One street scene: (HxWx3 uint8 RGB image, HxW uint8 label ids)."""
-    c = _Canvas(height, width, rng)
+def draw_scene(height: int, width: int, rng: np.random.Generator, class_colour_prob: float = 0.0,
+               object_density: float = 1.0, texture_strength: float = 1.0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """One street scene: (HxWx3 uint8 RGB image, HxW uint8 label ids); options as in
+    :func:`generate_toy_cityscapes`."""
+    c = _Canvas(height, width, rng, class_colour_prob, texture_strength)
+
+    def count(low: int, high: int) -> int:
+        drawn = int(rng.integers(low, high))
+        return drawn if object_density == 1.0 else max(0, round(drawn * object_density))
     h, w, u = height, width, c.unit
     horizon = h * rng.uniform(0.38, 0.48)
     vanish_x = w * rng.uniform(0.35, 0.65)
@@ -137,11 +171,11 @@ def draw_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.nd
 
     # objects, far to near so that near ones occlude
     objects = []
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(count(1, 4)):
         objects.append(("car", horizon + rng.uniform(0.15, 0.5) * h))
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(count(1, 4)):
         objects.append(("person", horizon + rng.uniform(0.1, 0.45) * h))
-    for _ in range(rng.integers(2, 4)):
+    for _ in range(count(2, 4)):
         objects.append(("pole", horizon + rng.uniform(0.1, 0.4) * h))
     for kind, foot in sorted(objects, key=lambda o: o[1]):
         scale = (foot - horizon) / h + 0.15
@@ -149,7 +183,7 @@ def draw_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.nd
         if kind == "car":
             cw, ch = scale * 0.9 * w * rng.uniform(0.25, 0.35), scale * h * rng.uniform(0.35, 0.5)
             cx = vanish_x + rng.uniform(-0.8, 0.8) * half_road
-            body = c.colour()
+            body = c.colour(CAR)
             c.rect(foot - ch, foot - 0.25 * ch, cx - cw / 2, cx + cw / 2, CAR, body)
             c.rect(foot - ch * 1.35, foot - ch, cx - cw / 3, cx + cw / 3, CAR, body * 0.6)
             for wheel_x in (cx - cw / 3, cx + cw / 3):
@@ -170,7 +204,7 @@ def draw_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.nd
             if rng.random() < 0.8:
                 radius = max(9 * u, scale * 0.12 * h)
                 c.ellipse(top, px, radius, radius, SIGN)
-                c.ellipse(top, px, 0.6 * radius, 0.6 * radius, SIGN, c.colour())
+                c.ellipse(top, px, 0.6 * radius, 0.6 * radius, SIGN, c.colour(SIGN))
 
     # void regions: the ego vehicle's bonnet at the bottom, a few static things
     c.rect(h * rng.uniform(0.9, 0.95), h, 0, w, EGO_VEHICLE, np.full(3, 30.0, np.float32))
@@ -187,12 +221,22 @@ def draw_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.nd
 def generate_toy_cityscapes(
     root: str | Path, n_train: int = 150, n_val: int = 30, n_test: int = 0, height: int = 128,
     width: int = 256, seed: int = 0, cities: Mapping[str, Sequence[str]] | None = None,
+    class_colour_prob: float = 0.0, object_density: float = 1.0, texture_strength: float = 1.0,
 ) -> Path:
     """Write the toy dataset under ``root``; returns ``root``. Same arguments, same bytes.
 
     ``cities`` maps a split to its city names (default ``CITIES``); images go round-robin to the
     cities of their split. The test split has images only, like the public Cityscapes labels.
+    ``class_colour_prob`` (in [0, 1]): probability that an element is coloured near its class's
+    base colour (``CLASS_COLOURS``) rather than from the shared palette. ``object_density``: cars,
+    people and poles per image, relative to the default. ``texture_strength``: the class textures'
+    contrast, relative to the default (0: flat). The defaults give the default toy.
     """
+    if not 0 <= class_colour_prob <= 1:
+        raise ValueError(f"class_colour_prob must be in [0, 1], got {class_colour_prob}")
+    if object_density < 0 or texture_strength < 0:
+        raise ValueError(f"object_density ({object_density}) and texture_strength "
+                         f"({texture_strength}) must not be negative")
     root = Path(root)
     cities = {**CITIES, **(cities or {})}
     if min(height, width) < 32:
@@ -204,7 +248,8 @@ def generate_toy_cityscapes(
             raise ValueError(f"{count} {split} images need at least one city, got {names}")
         for i in range(count):
             rng = np.random.default_rng([seed, split_index, i])
-            image, label = draw_scene(height, width, rng)
+            image, label = draw_scene(height, width, rng, class_colour_prob, object_density,
+                                      texture_strength)
             city = names[i % len(names)]
             stem = f"{city}_{i // len(names):06d}_{19 + i % 7:06d}"
             image_path = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
@@ -267,6 +312,12 @@ def main(argv=None) -> None:
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--class-colour-prob", type=float, default=0.0,
+                        help="probability of a class-specific colour per element (default 0)")
+    parser.add_argument("--object-density", type=float, default=1.0,
+                        help="cars, people and poles per image, relative (default 1)")
+    parser.add_argument("--texture-strength", type=float, default=1.0,
+                        help="contrast of the class textures, relative (default 1)")
     for split, names in CITIES.items():
         parser.add_argument(f"--{split}-cities", type=_city_list, default=names,
                             help=f"comma-separated city names (default {','.join(names)})")
@@ -274,7 +325,10 @@ def main(argv=None) -> None:
     cities = {split: getattr(args, f"{split}_cities") for split in CITIES}
     root = generate_toy_cityscapes(args.root, n_train=args.n_train, n_val=args.n_val,
                                    n_test=args.n_test, height=args.height, width=args.width,
-                                   seed=args.seed, cities=cities)
+                                   seed=args.seed, cities=cities,
+                                   class_colour_prob=args.class_colour_prob,
+                                   object_density=args.object_density,
+                                   texture_strength=args.texture_strength)
     print(f"toy Cityscapes written to {root}")
 
 

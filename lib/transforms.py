@@ -47,28 +47,49 @@ def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return torch.from_numpy(out)
 
 
-_GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as cv2 and torchvision use
+# Fixed grey level the contrast factor stretches around (the reference implementation's value).
+CONTRAST_PIVOT = 74
+
+
+def jitter_tables(brightness: float, contrast: float) -> np.ndarray:
+    """(256,) uint8: brightness then contrast, each truncated to uint8 as applied in turn.
+
+    Brightness maps v to ``v * b``, contrast maps v to ``74 + (v - 74) * c``; each result is
+    clipped to [0, 255] and truncated (not rounded). Both act on single values, so indexing the
+    contrast table with the brightness table gives exactly the two steps one after the other.
+    """
+    values = np.arange(256, dtype=np.float64)
+    bright = np.clip(values * brightness, 0, 255).astype(np.uint8)
+    contrasted = np.clip(CONTRAST_PIVOT + (values - CONTRAST_PIVOT) * contrast, 0, 255)
+    return contrasted.astype(np.uint8)[bright]
+
+
+def saturation_matrix(saturation: float) -> np.ndarray:
+    """(3, 3) float32 M with ``x @ M / 3 = s * x + (1 - s) * mean(x)`` for a pixel row x."""
+    matrix = np.full((3, 3), 1 - saturation)
+    np.fill_diagonal(matrix, 1 + 2 * saturation)  # entries rounded to float32 once, from float64
+    return matrix.astype(np.float32)
 
 
 def colour_jitter(image: np.ndarray, brightness: float, contrast: float, saturation: float
                   ) -> np.ndarray:
     """Brightness, contrast and saturation factors applied in that order, in uint8.
 
-    Same maths as torchvision's ``ColorJitter`` with fixed factors and order: brightness scales
-    the values (clipped at 255), contrast blends with the mean grey level of the brightened image,
-    saturation blends each pixel with its grey value. Brightness and contrast are per-value maps,
-    so they are applied together as one lookup table.
+    The reference implementation's arithmetic: brightness scales each value; contrast stretches
+    values around the fixed grey level 74 (not the image mean); saturation blends each pixel with
+    the plain mean of its three channels (not luma), computed as a float32 product with
+    ``saturation_matrix`` divided by 3. Every step clips to [0, 255] and truncates to uint8.
+    Brightness and contrast are one lookup table; the formulas treat RGB and BGR alike.
     """
-    brightened = np.minimum(np.arange(256, dtype=np.float32) * brightness, 255.0)
-    if contrast != 1.0:
-        # grey is linear in R, G, B: its mean is the weighted mean of the channel means
-        means = cv2.mean(cv2.LUT(image, np.rint(brightened).astype(np.uint8)))[:3]
-        grey_mean = float(np.dot(_GREY_WEIGHTS, means))
-        brightened = brightened * contrast + (1.0 - contrast) * grey_mean
-    image = cv2.LUT(image, np.clip(np.rint(brightened), 0, 255).astype(np.uint8))
+    if brightness != 1.0 or contrast != 1.0:
+        image = cv2.LUT(image, jitter_tables(brightness, contrast))
     if saturation != 1.0:
-        grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-        image = cv2.addWeighted(image, saturation, grey, 1.0 - saturation, 0.0)  # saturates
+        # (3, 3) @ (3, N) on planar channels: the same three float32 products and sums per value
+        # as (N, 3) @ M, but a matrix product shape BLAS handles several times faster
+        planar = np.stack(cv2.split(image)).reshape(3, -1).astype(np.float32)
+        mixed = np.matmul(saturation_matrix(saturation).T, planar) / np.float32(3)
+        channels = np.clip(mixed, 0, 255).astype(np.uint8).reshape(3, *image.shape[:2])
+        image = cv2.merge(list(channels))
     return image
 
 

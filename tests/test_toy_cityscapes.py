@@ -92,3 +92,73 @@ def test_colour_alone_cannot_segment_the_toy(tmp_path):
     miou, iou = colour_baseline_miou(root)
     assert np.isfinite(miou) and miou < 0.4
     assert (~np.isnan(iou)).sum() >= 8
+
+
+def _label_arrays(root, split="train"):
+    return [cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
+            for _, label in find_cityscapes_pairs(root, split)]
+
+
+def test_variant_options_are_deterministic_and_reach_the_command_line(tmp_path):
+    options = dict(class_colour_prob=0.5, object_density=1.5, texture_strength=0.5)
+    size = dict(n_train=4, n_val=2, height=64, width=128, seed=3)
+    a = generate_toy_cityscapes(tmp_path / "a", **size, **options)
+    b = generate_toy_cityscapes(tmp_path / "b", **size, **options)
+    default = generate_toy_cityscapes(tmp_path / "default", **size)
+    subprocess.run([sys.executable, "-m", "lib.toy_cityscapes", "--root", str(tmp_path / "cli"),
+                    "--n-train", "4", "--n-val", "2", "--height", "64", "--width", "128",
+                    "--seed", "3", "--class-colour-prob", "0.5", "--object-density", "1.5",
+                    "--texture-strength", "0.5"], cwd=REPO, check=True, capture_output=True)
+    for split in ("train", "val"):
+        pairs = find_cityscapes_pairs(a, split)
+        assert len(pairs) == size[f"n_{split}"]
+        for pair in pairs:
+            for path in pair:
+                rel = path.relative_to(a)
+                assert path.read_bytes() == (b / rel).read_bytes()
+                assert path.read_bytes() == (tmp_path / "cli" / rel).read_bytes()
+    first = find_cityscapes_pairs(a, "train")[0][0].relative_to(a)
+    assert (a / first).read_bytes() != (default / first).read_bytes()
+    with pytest.raises(ValueError, match="class_colour_prob"):
+        generate_toy_cityscapes(tmp_path / "bad", n_train=1, class_colour_prob=1.5)
+
+
+def test_class_colours_make_colour_informative(tmp_path):
+    size = dict(n_train=30, n_val=10, height=64, width=128, seed=7)
+    shared, _ = colour_baseline_miou(generate_toy_cityscapes(tmp_path / "shared", **size))
+    partly, _ = colour_baseline_miou(
+        generate_toy_cityscapes(tmp_path / "partly", class_colour_prob=0.6, **size))
+    mostly, _ = colour_baseline_miou(
+        generate_toy_cityscapes(tmp_path / "mostly", class_colour_prob=0.9, **size))
+    # measured values: about 0.04, 0.25 and 0.53
+    assert shared < 0.12 and partly > shared + 0.1 and mostly > partly + 0.05
+
+
+def test_object_density_and_texture_strength(tmp_path):
+    size = dict(n_train=12, n_val=0, height=64, width=128, seed=5)
+    objects = np.isin(np.arange(256), [17, 20, 24, 26])  # pole, sign, person, car label ids
+
+    def object_fraction(root):
+        return np.mean([objects[label].mean() for label in _label_arrays(root)])
+
+    sparse = generate_toy_cityscapes(tmp_path / "sparse", object_density=0.5, **size)
+    dense = generate_toy_cityscapes(tmp_path / "dense", object_density=2.0, **size)
+    assert object_fraction(dense) > 1.3 * object_fraction(sparse)
+    # texture strength changes the pixels only: same random draws, same labels
+    default = generate_toy_cityscapes(tmp_path / "default", **size)
+    flat = generate_toy_cityscapes(tmp_path / "flat", texture_strength=0.0, **size)
+    for x, y in zip(_label_arrays(default), _label_arrays(flat), strict=True):
+        assert np.array_equal(x, y)
+
+    def sidewalk_spread(root):
+        # one colour per sidewalk, so its spread within an image is tiles, light and noise
+        spreads = []
+        for (image_path, _), label in zip(find_cityscapes_pairs(root, "train"),
+                                          _label_arrays(root), strict=True):
+            if (label == 8).sum() > 50:
+                pixels = cv2.imread(str(image_path))[label == 8].astype(float)
+                spreads.append(pixels.std(0).mean())  # per channel, then averaged
+        return np.mean(spreads)
+
+    spread = [sidewalk_spread(default), sidewalk_spread(flat)]
+    assert spread[1] < 0.8 * spread[0]
