@@ -388,13 +388,14 @@ def test_published_layout_models_equal_the_reference_in_every_mode(name):
         assert len(np.flatnonzero(expected.sum(0))) >= 3  # the nets predict several classes
 
 
-def test_published_format_state_dict_through_the_evaluate_command(tmp_path):
+@pytest.mark.parametrize("name", ["bisenetv1", "bisenetv2"])
+def test_published_format_state_dict_through_the_evaluate_command(name, tmp_path):
     """`python evaluate.py --ckpt <bare state dict> --mode ss ssc msf mscf` on real PNGs prints
     per mode the mIoU that the reference arithmetic gives on the same files (to 0.01)."""
     root = generate_toy_cityscapes(tmp_path / "toy", n_train=0, n_val=2, height=90, width=170,
                                    seed=3)
-    state = published_layout_state("bisenetv2", seed=8)
-    ckpt = tmp_path / "model_final_v2_city.pth"
+    state = published_layout_state(name, seed=8)
+    ckpt = tmp_path / f"model_final_{name}_city.pth"  # a bare state dict, as published
     torch.save(state, ckpt)
     done = subprocess.run(
         [sys.executable, "evaluate.py", "--ckpt", str(ckpt), "--data-root", str(root),
@@ -408,7 +409,7 @@ def test_published_format_state_dict_through_the_evaluate_command(tmp_path):
     assert rows[0] == ["class", "ss", "ssc", "msf", "mscf"]
     printed = dict(zip(rows[0][1:], rows[-1][1:], strict=True))
 
-    model = build_model("bisenetv2", 19)
+    model = build_model(name, 19)
     model.load_state_dict(state)
     model.eval()
     mean, std = np.asarray(MEAN), np.asarray(STD)

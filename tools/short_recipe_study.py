@@ -53,7 +53,7 @@ from lib.checkpoint import load_checkpoint  # noqa: E402
 from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, MEAN, STD, find_cityscapes_pairs  # noqa: E402
 from lib.config import TrainConfig  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
-from lib.evaluator import evaluate, iou_from_confusion  # noqa: E402
+from lib.evaluator import EvalOptions, evaluate, iou_from_confusion  # noqa: E402
 from lib.loss import OhemCrossEntropy  # noqa: E402
 from lib.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes  # noqa: E402
 
@@ -182,7 +182,8 @@ def evaluate_miou(model: torch.nn.Module, root: Path) -> float:
     val_set = build_dataset(dataclasses.replace(TrainConfig(), data_root=str(root)), "val",
                             train=False)
     model.eval()
-    conf = evaluate(model, val_set, N_CLASSES, modes=("ss",), device="cpu", progress=False,
+    conf = evaluate(model, val_set, N_CLASSES, EvalOptions(modes=("ss",)), device="cpu",
+                    progress=False,
                     num_workers=0)["ss"]
     return float(iou_from_confusion(conf)[1])
 
