@@ -125,6 +125,7 @@ def test_toy_layout_values_and_determinism(tmp_path, name):
                  seed=3)
     other = generate_toy(name, tmp_path / "c", n_train=1, n_val=0, height=32, width=48, seed=4)
     raw_values = set()
+    ego_vehicle = {"coco-stuff": 255, "ade20k": 0, "camvid": 11}[name]
     for split, count in (("train", 4), ("val", 2), ("test", n_test)):
         if not count:
             continue
@@ -140,6 +141,7 @@ def test_toy_layout_values_and_determinism(tmp_path, name):
             assert image.shape == (32, 48, 3) and label.shape == (32, 48)
             assert label.dtype == np.uint8 and spec.out_of_range_values(label) == []
             raw_values |= set(np.unique(label).tolist())
+            assert (label[-1] == ego_vehicle).all()  # the scenes' bottom row is void
             for path in (image_path, label_path):  # same arguments, same bytes
                 assert path.read_bytes() == (tmp_path / "b" / path.relative_to(root)).read_bytes()
         if spec.image_suffix == ".jpg":
