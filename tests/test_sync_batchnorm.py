@@ -18,6 +18,11 @@ WORLD = 2
 MOMENTA = (0.3, None)  # exponential and cumulative running averages
 
 
+def _about(key: str):
+    """assert_close message: the tensor's name, then torch's description of the mismatch."""
+    return lambda message: f"{key}: {message}"
+
+
 def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two batches of 4 and an output weighting; the two halves of each batch have clearly
     different statistics, so per-process statistics would give different results."""
@@ -98,10 +103,11 @@ def test_two_processes_match_one_batchnorm_on_the_whole_batch(per_rank, momentum
     synced = [r[("sync", momentum)] for r in per_rank]
     got = _combine(synced)
     for key, value in got.items():
-        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=_about(key))
     for rank in synced:  # every process ends with the global running statistics
         for key in ("running_mean", "running_var", "num_batches_tracked"):
-            torch.testing.assert_close(rank[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+            torch.testing.assert_close(rank[key], expected[key], rtol=1e-5, atol=1e-6,
+                                       msg=_about(key))
         assert int(rank["num_batches_tracked"]) == 2
 
     # The control: unsynchronised statistics are far from the whole-batch result on this data,
@@ -119,7 +125,7 @@ def test_single_process_and_eval_are_plain_batchnorm():
         expected = _run(_reference_bn(momentum), first, second, weighting)
         got = _run(convert_sync_batchnorm(_reference_bn(momentum)), first, second, weighting)
         for key, value in expected.items():
-            torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=_about(key))
 
 
 def test_conversion_keeps_parameters_buffers_and_state_dict_keys():
