@@ -130,8 +130,9 @@ def test_one_and_two_processes_train_to_the_same_weights(tmp_path):
     * no per-process randomness in the model: BiSeNetV1 has no dropout (BiSeNetV2's dropout
       masks are drawn per process and cannot match).
     Float32 rounding differs (other summation orders) and from-scratch training on 2 images per
-    process amplifies it quickly, so the learning rate is small: the weights move ~1e-4, the runs
-    differ ~3e-7, and without synchronised BatchNorm they differ ~1e-3 (running stats ~0.6).
+    process amplifies it quickly (at lr 1e-2 the runs differ ~1e-3 after 3 steps), so the learning
+    rate is small. Measured: the weights move up to ~4e-4, the runs differ ~3e-7 (running
+    variances ~2e-6); without synchronised BatchNorm they differ ~1e-3 (running variances ~0.6).
     """
     root = _dataset_without_ignore(tmp_path / "data")
     args = ["bisenetv1/train.py", "--pretrained", "none", "--dataset", "folders",
@@ -149,9 +150,9 @@ def test_one_and_two_processes_train_to_the_same_weights(tmp_path):
     two = torch.load(tmp_path / "two" / "model_final.pth", weights_only=True)["state_dict"]
     assert list(one) == list(two)
     for key, value in one.items():  # parameters, running means/variances, batch counters
-        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-6, msg=_about(key))
-    # The comparison is not trivially met: the 3 steps moved the weights far more than the
-    # tolerance (the trainer seeds with --seed 0 before building the model).
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=_about(key))
+    # The comparison is not met trivially: the 3 steps moved the weights beyond the tolerance,
+    # and the runs differ by under 1% of that (the trainer seeds with --seed 0, then builds).
     torch.manual_seed(0)
     initial = build_model("bisenetv1", 3, aux_heads=True).state_dict()
     params = [k for k in one if not k.endswith(("running_mean", "running_var",
