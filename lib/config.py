@@ -67,7 +67,7 @@ class TrainConfig:
     ohem_thresh: float = _opt(0.7, "OHEM: keep pixels whose probability of the truth is below this")
     aux_weight: float = _opt(1.0, "weight of each auxiliary (booster) loss")
     fp16: bool = _opt(False, "mixed precision: fp16 autocast + GradScaler on CUDA, bf16 on CPU")
-    sync_bn: bool = _opt(True, "SyncBatchNorm when training with several CUDA processes")
+    sync_bn: bool = _opt(True, "synchronised BatchNorm when training with several processes")
     # run
     device: str = _opt("auto", "auto, cuda or cpu")
     num_workers: int = _opt(4, "data-loading workers per process")

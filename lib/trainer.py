@@ -45,6 +45,7 @@ from lib.models import build_model
 from lib.optim import build_optimizer
 from lib.pretrained import PretrainedWeightsError, load_pretrained_backbone
 from lib.sampler import InfiniteShardedSampler
+from lib.sync_batchnorm import convert_sync_batchnorm
 
 logger = logging.getLogger("bisenet")
 
@@ -196,6 +197,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, out_dir: Path) -> 
     model.to(device)
     if dist_info.distributed and device.type == "cuda" and cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif dist_info.distributed and world > 1 and cfg.sync_bn:  # nn.SyncBatchNorm is CUDA-only
+        model = convert_sync_batchnorm(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 

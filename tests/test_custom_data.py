@@ -1,26 +1,38 @@
 """Your own data: a two-folder dataset with 3 classes trains, evaluates and demos; bad data is
 refused before training with the file named; fine-tuning across class counts; NaN losses stop."""
 
+import itertools
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lib.checkpoint import load_checkpoint, save_checkpoint
+from lib.config import TrainConfig
+from lib.data import build_dataset
 from lib.models import build_model
+from lib.sampler import InfiniteShardedSampler
+from lib.trainer import load_finetune_weights
+from lib.transforms import to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 
 
+def _about(key: str):
+    """assert_close message: the tensor's name, then torch's description of the mismatch."""
+    return lambda message: f"{key}: {message}"
+
+
 def _run(*cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *cmd], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)  # a hang guard: runs are a few iterations
     assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
     return proc
 
@@ -88,15 +100,62 @@ def test_bad_labels_are_refused_before_training_with_the_file_named(tmp_path):
     assert "img2.png" in check and "1 problem(s) found" in check
 
 
-def test_finetune_across_class_counts_reinitialises_only_the_classifiers(tmp_path):
+# BiSeNetV2's class layers: the 1x1 classifiers of the main head and the four booster heads
+V2_CLASS_LAYERS = {f"{head}.conv_out.1.{kind}"
+                   for head in ("head", "aux2", "aux3", "aux4", "aux5_4")
+                   for kind in ("weight", "bias")}
+
+
+def _random_city_model(path: Path) -> dict[str, torch.Tensor]:
+    """A bare 19-class BiSeNetV2 state dict whose every tensor is random (BatchNorm buffers
+    included), so that no value can equal a fresh model's by coincidence."""
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for key, value in build_model("bisenetv2", 19, aux_heads=True).state_dict().items():
+        if value.is_floating_point():
+            state[key] = torch.rand(value.shape, generator=gen) + 0.5
+        else:  # num_batches_tracked
+            state[key] = torch.randint(10, 1000, value.shape, generator=gen)
+    save_checkpoint(path, {"state_dict": state})
+    return state
+
+
+def test_finetune_loads_every_tensor_but_the_class_layers(tmp_path):
+    source = _random_city_model(tmp_path / "v2_city.pth")
+    torch.manual_seed(1)
+    model = build_model("bisenetv2", 3, aux_heads=True)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    message = load_finetune_weights(model, str(tmp_path / "v2_city.pth"), 3)
+    loaded = model.state_dict()
+    assert set(loaded) == set(source) and V2_CLASS_LAYERS <= set(loaded)
+    for key, value in loaded.items():
+        if key in V2_CLASS_LAYERS:  # new shape, the new model's own initialisation
+            assert value.shape[0] == 3 and source[key].shape[0] == 19, key
+            assert torch.equal(value, initial[key]), key
+            assert not torch.equal(value, source[key][:3]), key
+        else:
+            assert torch.equal(value, source[key]), key
+    assert f"{len(source) - len(V2_CLASS_LAYERS)} tensors loaded" in message
+
+
+def test_finetune_across_class_counts_from_the_command_line(tmp_path):
     root = _make_folders(tmp_path / "data")
-    torch.manual_seed(0)
-    source = build_model("bisenetv2", 19, aux_heads=True)
-    save_checkpoint(tmp_path / "v2_city.pth", {"state_dict": source.state_dict()})  # bare
+    source = _random_city_model(tmp_path / "v2_city.pth")
+    # lr 1e-30: the two optimizer steps leave every weight as loaded; BatchNorm still updates
+    # its running statistics and counts the two batches
     log = _run(*_train_args(root, tmp_path / "run", "--finetune-from",
-                            str(tmp_path / "v2_city.pth"), "--max-iter", "2",
+                            str(tmp_path / "v2_city.pth"), "--max-iter", "2", "--lr", "1e-30",
                             "--no-eval-at-end")).stdout
     assert "class layers re-initialised for 3 classes" in log and "head.conv_out.1.weight" in log
+    final = load_checkpoint(tmp_path / "run" / "model_final.pth")["state_dict"]
+    assert set(final) == set(source)
+    for key, value in final.items():
+        if key in V2_CLASS_LAYERS:
+            assert value.shape[0] == 3 and not torch.equal(value, source[key][:3]), key
+        elif key.endswith("num_batches_tracked"):
+            assert int(value) == int(source[key]) + 2, key
+        elif not key.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(value, source[key], rtol=1e-6, atol=0, msg=_about(key))
 
 
 def test_nan_loss_stops_with_iteration_and_last_checkpoint(tmp_path):
@@ -108,20 +167,63 @@ def test_nan_loss_stops_with_iteration_and_last_checkpoint(tmp_path):
     assert "last good checkpoint" in out and "checkpoint_iter" in out
 
 
-@pytest.mark.parametrize("layout", ["list"])
-def test_annotation_list_dataset_with_label_map(tmp_path, layout):
+# raw label value -> class id, as the JSON map below says; other raw values must become ignore
+RAW_TO_CLASS = {10: 0, 20: 1, 30: 2}
+
+
+def _make_list_dataset(tmp_path: Path) -> Path:
+    """The folder dataset re-encoded: raw values 10/20/30 for classes 0/1/2, listed in
+    annotation files with Windows separators; some pixels carry unlisted raw values."""
     root = _make_folders(tmp_path / "data")
-    for split in ("train", "val"):  # raw values 10/20/30 mapped to 0/1/2 by a JSON map
+    for split in ("train", "val"):
         lines = []
         for i in range(4):
             label = root / "labels" / split / f"img{i}.png"
             raw = cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
             mapped = np.where(raw == 255, 255, (raw.astype(int) + 1) * 10).astype(np.uint8)
+            mapped[2:4, : 10 + 5 * i] = 40  # unlisted values: ignore after the map
+            mapped[-1, 20:] = 7
             cv2.imwrite(str(root / "labels" / split / f"raw{i}.png"), mapped)
             lines.append(f"images\\\\{split}\\\\img{i}.png,labels/{split}/raw{i}.png")
         (root / f"{split}.txt").write_text("\r\n".join(lines) + "\r\n")
     (root / "map.json").write_text('{"10": 0, "20": 1, "30": 2}')
-    _run("bisenetv2/train.py", "--dataset", layout, "--data-root", str(root), "--train-list",
+    return root
+
+
+def test_label_map_values_are_what_the_training_batches_carry(tmp_path):
+    root = _make_list_dataset(tmp_path)
+    # The trainer's training set and loader; crop = image size, scale 1 and no jitter, so the
+    # only geometric change left is the random horizontal flip, read back from the image.
+    cfg = replace(TrainConfig(), dataset="list", data_root=str(root),
+                  train_list=str(root / "train.txt"), val_list=str(root / "val.txt"),
+                  label_map=str(root / "map.json"), n_classes=3, crop_size=(48, 64),
+                  scale_range=(1.0, 1.0), jitter=0.0, batch_size=2)
+    train_set = build_dataset(cfg, "train", train=True, check_labels=True)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=0,
+                        sampler=InfiniteShardedSampler(len(train_set), cfg.batch_size))
+    order = itertools.islice(iter(InfiniteShardedSampler(len(train_set), cfg.batch_size)), 8)
+    samples = [index for index, _ in order]  # the loader's sample order, 2 epochs
+    batches = itertools.islice(iter(loader), 4)
+    pairs = itertools.chain.from_iterable(zip(*b, strict=True) for b in batches)
+    for i, (image, label) in enumerate(pairs):
+        image_path, label_path = train_set.pairs[samples[i]]
+        raw = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
+        expected = np.array([[RAW_TO_CLASS.get(int(v), 255) for v in row] for row in raw])
+        rgb = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
+        flipped = not torch.equal(image, to_tensor(rgb, cfg.mean, cfg.std))
+        if flipped:
+            assert torch.equal(image, to_tensor(rgb[:, ::-1].copy(), cfg.mean, cfg.std))
+            expected = expected[:, ::-1]
+        assert label.dtype == torch.int64
+        assert torch.equal(label, torch.from_numpy(np.ascontiguousarray(expected))), label_path
+        upright = label.flip(-1) if flipped else label  # unlisted raw values are ignore
+        assert (upright[2:4, :10] == 255).all() and (upright[-1, 20:] == 255).all()
+    assert len(set(samples)) == 4  # every image was checked
+
+
+def test_annotation_list_dataset_with_label_map_trains(tmp_path):
+    root = _make_list_dataset(tmp_path)
+    _run("bisenetv2/train.py", "--dataset", "list", "--data-root", str(root), "--train-list",
          str(root / "train.txt"), "--val-list", str(root / "val.txt"), "--label-map",
          str(root / "map.json"), "--n-classes", "3", "--device", "cpu", "--output-dir",
          str(tmp_path / "run"), "--crop-size", "48", "64", "--max-iter", "2", "--warmup-iter",

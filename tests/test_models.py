@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tools_loader import load_tool
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -155,6 +156,7 @@ def test_head_modules_are_the_output_layers(name):
 
 
 def count_listing_parameters(layout) -> int:
+    """Parameters of a listing: the product of each shape, BatchNorm buffers left out."""
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     total = 0
     for key, shape in layout.items():
@@ -163,27 +165,72 @@ def count_listing_parameters(layout) -> int:
     return total
 
 
-@pytest.mark.parametrize(
-    "name, expected_m", [("bisenetv1", 13.28), ("bisenetv2", 3.36), ("diss", None)]
-)
-def test_parameter_counts(name, expected_m):
+# The figures the README states (tools/model_stats.py at 19 classes, 512x1024): parameters in
+# millions (eval form; with auxiliary heads, not stated for diss) and GFLOPs of the eval form.
+README_FIGURES = {"bisenetv1": (13.28, 13.43, 59.2), "bisenetv2": (3.36, 5.23, 49.2),
+                  "diss": (13.18, None, 53.5)}
+
+
+@pytest.fixture(scope="module")
+def model_stats_tool():
+    return load_tool("model_stats")
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_parameter_counts_are_the_listings_arithmetic(name, model_stats_tool):
+    eval_params = count_listing_parameters(expected_layout(name, 19, aux_heads=False))
+    train_params = count_listing_parameters(expected_layout(name, 19, aux_heads=True))
     model = build_model(name, 19, aux_heads=False)
-    n_params = sum(p.numel() for p in model.parameters())
-    assert n_params == count_listing_parameters(expected_layout(name, 19, aux_heads=False))
-    if expected_m is not None:
-        assert abs(n_params / 1e6 - expected_m) / expected_m < 0.01
+    assert sum(p.numel() for p in model.parameters()) == eval_params
+    stats = model_stats_tool.model_stats(name, 19, (512, 1024))
+    assert stats["params_m"] * 1e6 == pytest.approx(eval_params, abs=0.5)
+    assert stats["train_params_m"] * 1e6 == pytest.approx(train_params, abs=0.5)
+    readme_eval, readme_train, _ = README_FIGURES[name]
+    assert round(eval_params / 1e6, 2) == readme_eval
+    assert readme_train is None or round(train_params / 1e6, 2) == readme_train
 
 
-@pytest.mark.parametrize("name, expected_g", [("bisenetv1", 59.2), ("bisenetv2", 49.2)])
-def test_flops_at_512x1024(name, expected_g):
-    # shapes only: on the meta device nothing is computed
+def conv_flops_by_hooks(model: nn.Module, image: torch.Tensor) -> int:
+    """2 FLOPs per multiply-add of every convolution, from its module's shapes (bias adds not
+    counted): ``2 * output elements * in_channels / groups * kh * kw``."""
+    total = 0
+
+    def hook(module: nn.Conv2d, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += 2 * output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_flops_at_512x1024_are_the_convolutions_arithmetic(name, model_stats_tool):
+    # Shapes only, on the meta device. Convolutions are the only layers with multiply-adds the
+    # counter counts (no Linear, no matmul): anything else would make the totals differ.
     with torch.device("meta"):
         model = build_model(name, 19, aux_heads=False).eval()
-        x = torch.zeros(1, 3, 512, 1024)
+        image = torch.zeros(1, 3, 512, 1024)
+    assert not any(isinstance(m, (nn.Linear, nn.Bilinear, nn.MultiheadAttention))
+                   for m in model.modules())
+    expected = conv_flops_by_hooks(model, image)
     with FlopCounterMode(display=False) as counter:
-        model(x)
-    gflops = counter.get_total_flops() / 1e9
-    assert abs(gflops - expected_g) / expected_g < 0.01
+        with torch.no_grad():
+            model(image)
+    # exact: the tool's counter and the per-module arithmetic count the same multiply-adds
+    assert counter.get_total_flops() == expected
+    # the tool reports that count (eval form, aux heads excluded) in GFLOPs ...
+    stats = model_stats_tool.model_stats(name, 19, (512, 1024))
+    assert stats["gflops"] * 1e9 == pytest.approx(expected, rel=1e-12)
+    # ... and the README's figure is it, rounded to 0.1
+    assert round(expected / 1e9, 1) == README_FIGURES[name][2]
 
 
 def test_resize_matches_fixed_factor_upsampling_on_exact_multiples():
