@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
@@ -340,6 +341,12 @@ def prepare_dataset(cfg) -> None:
 
 
 def worker_init(worker_id: int) -> None:
-    """One thread per data-loading worker: the parallelism comes from the workers."""
+    """One thread per data-loading worker: the parallelism comes from the workers.
+
+    Workers ignore SIGINT/SIGTERM: Ctrl-C reaches the whole process group, and the main process
+    stops between iterations (a worker dying on the signal would break the batch being loaded).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
