@@ -26,6 +26,7 @@ from lib.deploy import to_inference_form
 from lib.evaluator import DEFAULT_SCALES, evaluate, format_iou_table, iou_from_confusion
 from lib.logger import setup_logging
 from lib.models import MODEL_NAMES
+from lib.runs import default_checkpoint
 
 logger = logging.getLogger("bisenet")
 
@@ -35,8 +36,9 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     data_defaults = TrainConfig()
-    parser.add_argument("--ckpt", "--weight-path", default=default_ckpt,
-                        help="checkpoint or published state dict (default: %(default)s)")
+    parser.add_argument("--ckpt", "--weight-path", default=None,
+                        help=f"checkpoint or published state dict (default: {default_ckpt} if it "
+                             "exists, else the newest trained run's model_final.pth)")
     if model_name is None:
         parser.add_argument("--model", choices=MODEL_NAMES, default=None,
                             help="model of a bare state dict (inferred from its keys if omitted)")
@@ -75,6 +77,8 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
 def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final.pth",
          model_name: str | None = None) -> dict[str, Any]:
     args = build_parser(default_ckpt, model_name).parse_args(argv)
+    if args.ckpt is None:
+        args.ckpt = str(default_checkpoint(default_ckpt, Path(default_ckpt).parent))
     dist_info = distributed.init_distributed(args.device)
     setup_logging(None, dist_info.rank)
     try:
