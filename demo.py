@@ -29,13 +29,16 @@ from lib.deploy import InferenceModel
 from lib.distributed import select_device
 from lib.inference import normalise
 from lib.models import MODEL_NAMES
+from lib.runs import default_checkpoint
 from lib.visualize import colourise, make_palette
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", "--weight-path", default="res/model_final.pth")
+    parser.add_argument("--ckpt", "--weight-path", default=None,
+                        help="checkpoint (default: res/model_final.pth if it exists, else the "
+                             "newest trained run's model_final.pth)")
     parser.add_argument("--img_path", "--img-path", default=None,
                         help="an image file or a folder of images")
     parser.add_argument("--video", default=None, help="a video file")
@@ -140,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if (args.img_path is None) == (args.video is None):
         raise SystemExit("error: give one of --img_path (image or folder) or --video")
     device = select_device(args.device)
+    if args.ckpt is None:
+        args.ckpt = str(default_checkpoint("res/model_final.pth", "res"))
     try:
         segment = Segmenter(args.ckpt, device, args.model, args.fp16)
     except CheckpointError as exc:

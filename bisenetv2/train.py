@@ -63,7 +63,7 @@ QUICKSTART = replace(
     num_workers=2,
     log_every=50,
     checkpoint_every=200,
-    output_dir="res/quickstart",
+    runs_dir="res/quickstart",
 )
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import replace  # noqa: E402
 from bisenetv1.train import RECIPE as V1_RECIPE  # noqa: E402
 from lib.trainer import main  # noqa: E402
 
-RECIPE = replace(V1_RECIPE, fp16=True, sync_bn=True, output_dir="res/fp16")
+RECIPE = replace(V1_RECIPE, fp16=True, sync_bn=True, runs_dir="res/fp16")
 
 if __name__ == "__main__":
     main(RECIPE, description=__doc__)

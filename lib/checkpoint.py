@@ -33,6 +33,7 @@ from lib.models import (
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = "checkpoint_iter{:07d}.pth"
+FINAL_NAME = "model_final.pth"
 _CHECKPOINT_RE = re.compile(r"checkpoint_iter(\d+)\.pth$")
 
 
@@ -157,8 +158,26 @@ def prune_checkpoints(folder: str | Path, keep: int) -> None:
 
 
 def latest_usable_checkpoint(folder: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest periodic checkpoint that loads; damaged ones are reported and skipped."""
-    for path in reversed(list_checkpoints(folder)):
+    """The newest resumable checkpoint in ``folder``; damaged ones are reported and skipped.
+
+    The final model counts too (it carries the optimizer state, so that a finished run can be
+    extended); a periodic checkpoint of a later iteration (an extension that crashed) wins over it.
+    """
+    folder = Path(folder)
+    candidates: list[tuple[int, int, Path]] = [
+        (int(_CHECKPOINT_RE.search(p.name).group(1)), 0, p) for p in list_checkpoints(folder)]
+    final, final_checkpoint = folder / FINAL_NAME, None
+    if final.is_file():
+        try:
+            final_checkpoint = load_checkpoint(final)
+        except CheckpointError as exc:
+            logger.warning("skipping unusable checkpoint: %s", exc)
+        else:
+            if "optimizer" in final_checkpoint:
+                candidates.append((int(final_checkpoint.get("iteration", 0)), 1, final))
+    for _, _, path in sorted(candidates, reverse=True):
+        if path == final:
+            return path, final_checkpoint
         try:
             return path, load_checkpoint(path)
         except CheckpointError as exc:

@@ -37,6 +37,11 @@ STD: tuple[float, float, float] = (0.2112, 0.2148, 0.2115)
 LABEL_ID_TO_TRAIN_ID: np.ndarray = np.full(256, 255, dtype=np.uint8)
 LABEL_ID_TO_TRAIN_ID[list(_TRAINED_LABEL_IDS)] = np.arange(len(_TRAINED_LABEL_IDS))
 
+# The values a *_gtFine_labelIds.png may hold: 0..33. Anything else (e.g. 255, or 200) means the
+# file is not a labelIds file (a train-id PNG, a colour channel, a corrupt export).
+LABEL_IDS: np.ndarray = np.zeros(256, dtype=bool)
+LABEL_IDS[:34] = True
+
 TRAIN_ID_TO_LABEL_ID: np.ndarray = np.zeros(256, dtype=np.uint8)
 TRAIN_ID_TO_LABEL_ID[: len(_TRAINED_LABEL_IDS)] = _TRAINED_LABEL_IDS
 

@@ -72,7 +72,9 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cuda or cpu")
     num_workers: int = _opt(4, "data-loading workers per process")
     seed: int = _opt(0, "seed of the data order, augmentation and initialisation")
-    output_dir: str = _opt("", "folder for checkpoints and logs (default: res/<model>)")
+    output_dir: str = _opt(
+        "", "this run's folder for checkpoints and logs (default: a new <runs-dir>/<timestamp>)")
+    runs_dir: str = _opt("", "folder holding one sub-folder per run (default: res/<model>)")
     log_every: int = _opt(50, "log every N iterations")
     checkpoint_every: int = _opt(5000, "write a checkpoint every N iterations (0: only the last)")
     keep_checkpoints: int = _opt(3, "how many periodic checkpoints to keep")
@@ -96,8 +98,9 @@ class TrainConfig:
         return EvalOptions(modes=self.eval_modes, scales=self.eval_scales,
                            crop_size=self.eval_crop_size, short_side=self.eval_short_side)
 
-    def resolved_output_dir(self) -> str:
-        return self.output_dir or f"res/{self.model}"
+    def runs_root(self) -> str:
+        """The folder whose sub-folders are this model's runs (``--resume auto`` searches it)."""
+        return self.runs_dir or f"res/{self.model}"
 
 
 def _argument_for(f: dataclasses.Field, default) -> tuple[list[str], dict]:

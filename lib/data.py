@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
@@ -20,7 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lib.cityscapes import CLASS_NAMES, LABEL_ID_TO_TRAIN_ID, PALETTE, find_cityscapes_pairs
+from lib.cityscapes import (
+    CLASS_NAMES,
+    LABEL_ID_TO_TRAIN_ID,
+    LABEL_IDS,
+    PALETTE,
+    find_cityscapes_pairs,
+)
 from lib.transforms import EvalTransform, TrainTransform
 from lib.visualize import make_palette
 
@@ -36,10 +43,13 @@ class SegmentationDataset(Dataset):
     ``(index, seed)`` item the transform draws its randomness from ``seed``. ``label_lut`` maps
     raw label values to train ids (e.g. Cityscapes label ids); after it every value must be a
     class (``< n_classes``) or ``ignore_index``, which is checked for every sample read.
+    ``valid_raw`` (a (256,) bool table) marks the raw values a label file may hold at all
+    (Cityscapes: label ids 0..33); a file holding another value is refused too.
     """
 
     def __init__(self, pairs: Sequence[Pair], transform, label_lut: np.ndarray | None = None,
-                 n_classes: int = 19, ignore_index: int = 255) -> None:
+                 n_classes: int = 19, ignore_index: int = 255,
+                 valid_raw: np.ndarray | None = None) -> None:
         if not pairs:
             raise ValueError("the dataset is empty: no image/label pairs were found")
         if label_lut is not None:
@@ -60,6 +70,9 @@ class SegmentationDataset(Dataset):
         if 0 <= ignore_index < 256:
             bad[ignore_index] = 0
         self._bad_raw = bad if label_lut is None else bad[label_lut]
+        self.valid_raw = None if valid_raw is None else np.asarray(valid_raw, bool)
+        if self.valid_raw is not None:
+            self._bad_raw = self._bad_raw | ~self.valid_raw
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -97,7 +110,11 @@ class SegmentationDataset(Dataset):
         return label if self.label_lut is None else cv2.LUT(label, self.label_lut)
 
     def _raise_bad_values(self, path: Path, raw: np.ndarray) -> None:
-        values = np.flatnonzero(np.bincount(raw.ravel(), minlength=256) * self._bad_raw)
+        present = np.bincount(raw.ravel(), minlength=256) > 0
+        unknown = label_id_problem(present, self.valid_raw, self.n_classes, self.ignore_index)
+        if unknown:
+            raise ValueError(f"label {path} {unknown}")
+        values = np.flatnonzero(present * self._bad_raw)
         if self.label_lut is None:
             found = f"values {values[:10].tolist()}"
         else:
@@ -111,9 +128,40 @@ class SegmentationDataset(Dataset):
         )
 
 
+def label_id_problem(present: np.ndarray, valid_raw: np.ndarray | None, n_classes: int,
+                     ignore_index: int) -> str | None:
+    """Why a label file whose values are ``present`` (a (256,) bool table) is not a raw label file.
+
+    A file holding a value that no raw label may hold is refused; when every value it holds is
+    already a train id (``0..n_classes-1`` or the ignore index), it is a train-id PNG given where
+    raw ids (Cityscapes labelIds) were expected, which is said with the fix.
+    """
+    if valid_raw is None:
+        return None
+    invalid = np.flatnonzero(present & ~valid_raw)
+    if not len(invalid):
+        return None
+    train_ids = np.zeros(256, bool)
+    train_ids[:n_classes] = True
+    if 0 <= ignore_index < 256:
+        train_ids[ignore_index] = True
+    if not (present & ~train_ids).any():
+        return (f"looks like a *_labelTrainIds.png (values {np.flatnonzero(present).tolist()[:20]}"
+                f" are all train ids 0..{n_classes - 1} or {ignore_index}, and "
+                f"{invalid.tolist()[:5]} is no label id): --dataset cityscapes reads "
+                "*_gtFine_labelIds.png, so use the gtFine labelIds files, or train on train-id "
+                "PNGs with --dataset folders or list (no --label-map)")
+    return (f"holds value(s) {invalid.tolist()[:10]} that are not Cityscapes label ids (0..33); "
+            "labelIds PNGs hold label ids only (check how the file was made)")
+
+
 def read_image(path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB; OpenCV's silent None for unreadable files becomes an error naming it."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """HxWx3 uint8 RGB; OpenCV's silent None for unreadable files becomes an error naming it.
+
+    The EXIF orientation of JPEGs is ignored, as it is for the labels (read unchanged): applying
+    it would rotate the image but not its label.
+    """
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise ValueError(f"cannot read image {path} (missing, corrupt or not an image)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -246,6 +294,7 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     palette: np.ndarray  # (n_classes, 3) uint8 RGB
     label_lut: np.ndarray | None  # raw label value -> train id; None when labels are train ids
+    valid_raw: np.ndarray | None = None  # (256,) bool: the values a label file may hold
 
 
 def dataset_info(cfg, class_names: Sequence[str] | None = None) -> DatasetInfo:
@@ -254,7 +303,7 @@ def dataset_info(cfg, class_names: Sequence[str] | None = None) -> DatasetInfo:
         if cfg.n_classes != len(CLASS_NAMES):
             raise ValueError(f"--dataset cityscapes has {len(CLASS_NAMES)} classes but "
                              f"--n-classes is {cfg.n_classes}")
-        return DatasetInfo(CLASS_NAMES, PALETTE, LABEL_ID_TO_TRAIN_ID)
+        return DatasetInfo(CLASS_NAMES, PALETTE, LABEL_ID_TO_TRAIN_ID, LABEL_IDS)
     palette = None
     if cfg.class_names:
         class_names, palette = read_class_names(cfg.class_names)
@@ -316,7 +365,8 @@ def build_dataset(cfg, split: str, train: bool, check_labels: bool = False
     if check_labels:
         from lib.dataset_check import check_pairs
 
-        report = check_pairs(pairs, cfg.n_classes, cfg.ignore_index, info.label_lut, split=split)
+        report = check_pairs(pairs, cfg.n_classes, cfg.ignore_index, info.label_lut, split=split,
+                             valid_raw=info.valid_raw)
         if report.problems:
             shown = "\n  ".join(str(p) for p in report.problems[:20])
             raise ValueError(f"{len(report.problems)} problem(s) in the {split} split "
@@ -326,7 +376,8 @@ def build_dataset(cfg, split: str, train: bool, check_labels: bool = False
                                    mean=cfg.mean, std=cfg.std, ignore_index=cfg.ignore_index)
     else:
         transform = EvalTransform(cfg.mean, cfg.std)
-    return SegmentationDataset(pairs, transform, info.label_lut, cfg.n_classes, cfg.ignore_index)
+    return SegmentationDataset(pairs, transform, info.label_lut, cfg.n_classes, cfg.ignore_index,
+                               valid_raw=info.valid_raw)
 
 
 def prepare_dataset(cfg) -> None:
@@ -340,6 +391,12 @@ def prepare_dataset(cfg) -> None:
 
 
 def worker_init(worker_id: int) -> None:
-    """One thread per data-loading worker: the parallelism comes from the workers."""
+    """One thread per data-loading worker: the parallelism comes from the workers.
+
+    Workers ignore SIGINT/SIGTERM: Ctrl-C reaches the whole process group, and the main process
+    stops between iterations (a worker dying on the signal would break the batch being loaded).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)
     torch.set_num_threads(1)

@@ -21,6 +21,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from lib.data import label_id_problem
+
 Pair = tuple[Path, Path | None]
 
 
@@ -84,7 +86,7 @@ def _jpeg_size(f) -> tuple[int, int] | None:
 
 
 def _check_one(pair: Pair, n_classes: int, ignore_index: int, label_lut: np.ndarray | None,
-               decode_images: bool):
+               decode_images: bool, valid_raw: np.ndarray | None = None):
     image_path, label_path = pair
     problems: list[Problem] = []
     raw_counts = np.zeros(256, np.int64)
@@ -92,7 +94,8 @@ def _check_one(pair: Pair, n_classes: int, ignore_index: int, label_lut: np.ndar
     if not image_path.is_file():
         return None, raw_counts, [Problem("missing image", str(image_path), "no such file")]
     if decode_images:
-        image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+        # orientation ignored, as in training (the labels have none)
+        image = cv2.imread(str(image_path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         size = None if image is None else image.shape[:2]
     else:
         size = image_size(image_path)
@@ -123,6 +126,11 @@ def _check_one(pair: Pair, n_classes: int, ignore_index: int, label_lut: np.ndar
         problems.append(Problem("size mismatch", str(label_path),
                                 f"label is {label.shape[1]}x{label.shape[0]}, image "
                                 f"{image_path.name} is {size[1]}x{size[0]}"))
+    unknown = label_id_problem(raw_counts > 0, valid_raw, n_classes, ignore_index)
+    if unknown:
+        kind = "train-id label" if unknown.startswith("looks like") else "unknown label id"
+        problems.append(Problem(kind, str(label_path), unknown))
+        return size, raw_counts, problems
     train_counts = _to_train_ids(raw_counts, label_lut)
     bad = [v for v in np.flatnonzero(train_counts) if v >= n_classes and v != ignore_index]
     if bad:
@@ -146,9 +154,12 @@ def _to_train_ids(raw_counts: np.ndarray, label_lut: np.ndarray | None) -> np.nd
 def check_pairs(
     pairs: Sequence[Pair], n_classes: int, ignore_index: int = 255,
     label_lut: np.ndarray | None = None, decode_images: bool = False, progress: bool = False,
-    split: str = "", workers: int = 4,
+    split: str = "", workers: int = 4, valid_raw: np.ndarray | None = None,
 ) -> DatasetReport:
-    """Check every pair; returns counts, pixel frequencies and the problems found."""
+    """Check every pair; returns counts, pixel frequencies and the problems found.
+
+    ``valid_raw`` marks the values a label file may hold (Cityscapes: label ids 0..33).
+    """
     report = DatasetReport(n_images=len(pairs))
     if not pairs:
         report.problems.append(Problem("empty split", split or "dataset", "no image/label pairs"))
@@ -161,7 +172,7 @@ def check_pairs(
                     Problem(f"duplicate {name}", str(path), f"listed {count} times"))
     with ThreadPoolExecutor(workers) as pool:  # cv2 decodes without holding the GIL
         results = pool.map(lambda p: _check_one(p, n_classes, ignore_index, label_lut,
-                                                decode_images), pairs)
+                                                decode_images, valid_raw), pairs)
         for size, raw_counts, problems in tqdm(results, total=len(pairs), disable=not progress,
                                                desc=f"checking {split}".strip()):
             if size is not None:

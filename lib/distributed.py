@@ -62,12 +62,28 @@ def init_distributed(device: str = "auto") -> DistInfo:
     # A launcher (torchrun, torch.distributed.launch) sets RANK; then a process group is made even
     # for one process, so that the DDP/SyncBN/NCCL code paths run exactly as they do with many.
     if "RANK" in os.environ and not dist.is_initialized():
+        kwargs = _restart_store()
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
-            dist.init_process_group("nccl", device_id=torch_device)
+            dist.init_process_group("nccl", device_id=torch_device, **kwargs)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **kwargs)
     return DistInfo(rank, world_size, local_rank, torch_device)
+
+
+def _restart_store() -> dict:
+    """After a ``torchrun --max-restarts`` restart, a store namespace of this restart only.
+
+    The launcher's store outlives a failed attempt, and the process group's keys (each rank's
+    address) are the same names in every attempt: a restarted rank could read the address of a
+    dead worker of the previous attempt and fail to connect. A prefix per restart avoids that.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return {}
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    return {"store": dist.PrefixStore(f"restart{restart}/", store), "rank": rank,
+            "world_size": world_size}
 
 
 def cleanup_distributed() -> None:

@@ -33,6 +33,7 @@ from lib.evaluator import (
 )
 from lib.logger import setup_logging
 from lib.models import MODEL_NAMES
+from lib.runs import default_checkpoint
 
 logger = logging.getLogger("bisenet")
 DEFAULT = EvalOptions()
@@ -43,8 +44,9 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     data_defaults = TrainConfig()
-    parser.add_argument("--ckpt", "--weight-path", default=default_ckpt,
-                        help="checkpoint or published state dict (default: %(default)s)")
+    parser.add_argument("--ckpt", "--weight-path", default=None,
+                        help=f"checkpoint or published state dict (default: {default_ckpt} if it "
+                             "exists, else the newest trained run's model_final.pth)")
     if model_name is None:
         parser.add_argument("--model", choices=MODEL_NAMES, default=None,
                             help="model of a bare state dict (inferred from its keys if omitted)")
@@ -118,6 +120,8 @@ def protocol_options(args: argparse.Namespace, recipe: Mapping[str, Any] | None 
 def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final.pth",
          model_name: str | None = None) -> dict[str, Any]:
     args = build_parser(default_ckpt, model_name).parse_args(argv)
+    if args.ckpt is None:
+        args.ckpt = str(default_checkpoint(default_ckpt, Path(default_ckpt).parent))
     dist_info = distributed.init_distributed(args.device)
     setup_logging(None, dist_info.rank)
     try:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader
 from lib import distributed
 from lib.checkpoint import (
     CHECKPOINT_PATTERN,
+    FINAL_NAME,
     CheckpointError,
     describe_checkpoint,
     latest_usable_checkpoint,
@@ -44,6 +46,7 @@ from lib.lr_scheduler import WarmupPolyLR
 from lib.models import build_model
 from lib.optim import build_optimizer
 from lib.pretrained import PretrainedWeightsError, load_pretrained_backbone
+from lib.runs import RunFinished, RunPlan, compare_resume_config, plan_run
 from lib.sampler import InfiniteShardedSampler
 from lib.sync_batchnorm import convert_sync_batchnorm
 
@@ -55,10 +58,15 @@ warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()
 
 # After this many consecutive steps skipped by the GradScaler, the run is not recovering by itself.
 MAX_SKIPPED_STEPS = 100
+# A GradScaler scale below the smallest normal fp16 number: the gradients overflow fp16 even when
+# shrunk 16384 times, which no healthy run does.
+MIN_SCALE = 2.0**-14
+# Under DDP on CUDA, how often (in iterations) the ranks agree on a pending SIGINT/SIGTERM.
+STOP_CHECK_EVERY = 10
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the weights became NaN or infinite, or the fp16 GradScaler keeps skipping."""
 
 
 def autocast_context(device: torch.device, enabled: bool):
@@ -121,21 +129,141 @@ def load_finetune_weights(model: nn.Module, path: str, n_classes: int) -> str:
     return message
 
 
-def _resume_state(cfg: TrainConfig, out_dir: Path) -> tuple[Path, dict] | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        found = latest_usable_checkpoint(out_dir)
-        if found is None:
-            logger.info("--resume auto: no checkpoint in %s, starting a new run", out_dir)
-        return found
-    return Path(cfg.resume), load_checkpoint(cfg.resume)
-
-
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
     """The current learning rate without the heads' multiplier."""
     group = optimizer.param_groups[0]
     return group["lr"] / group.get("lr_mult", 1.0)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   iteration: int = 0) -> WarmupPolyLR:
+    """The LR schedule of ``cfg`` positioned at ``iteration``.
+
+    The schedule is a function of the config and the iteration only, so a resumed run rebuilds it
+    from the command line: a new ``--max-iter``/``--lr``/warm-up applies from the resumed iteration.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr * group.get("lr_mult", 1.0)
+    return WarmupPolyLR(optimizer, cfg.max_iter, cfg.warmup_iter, cfg.warmup_ratio,
+                        power=cfg.poly_power, last_epoch=iteration - 1)
+
+
+@dataclass
+class RunState:
+    """Everything a run is made of; ``checkpoint()`` and ``load()`` write and read the same dict."""
+
+    cfg: TrainConfig
+    info: DatasetInfo
+    run_dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupPolyLR
+    scaler: torch.amp.GradScaler
+    ddp_model: nn.Module | None = None  # the DistributedDataParallel wrapper, when distributed
+    iteration: int = 0
+    last_checkpoint: Path | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        """The module to call for training steps (the DDP wrapper when there is one)."""
+        return self.ddp_model if self.ddp_model is not None else self.model
+
+    def checkpoint(self) -> dict[str, Any]:
+        return build_checkpoint(self.cfg, self.info, self.model, self.iteration, self.optimizer,
+                                self.scheduler, self.scaler)
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.iteration = int(checkpoint["iteration"])
+        self.scheduler = make_scheduler(self.optimizer, self.cfg, self.iteration)
+
+    def ensure_finite(self) -> None:
+        """Refuse to go on from non-finite weights (checked before every checkpoint)."""
+        if not weights_finite(self.model):
+            raise diverged(self, "the weights are not finite")
+
+    def save(self, path: Path) -> Path:
+        """Write the full state to ``path``, never from non-finite weights."""
+        self.ensure_finite()
+        save_checkpoint(path, self.checkpoint())
+        return path
+
+
+def weights_finite(model: nn.Module) -> bool:
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def diverged(state: RunState, reason: str) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"training diverged at iteration {state.iteration}: {reason}; last good checkpoint: "
+        f"{state.last_checkpoint or 'none written yet'}. Check the labels "
+        "(tools/check_dataset.py) or lower --lr"
+    )
+
+
+def count_skipped_steps(run: torch.Tensor, longest: torch.Tensor, scale_before: torch.Tensor,
+                        scale_after: torch.Tensor) -> None:
+    """Update, on the device, the current and the longest run of steps the GradScaler skipped.
+
+    The scaler lowers its scale exactly when it skips a step (inf/NaN gradients); comparing the
+    scale tensors needs no host-device synchronisation.
+    """
+    skipped = (scale_after < scale_before).to(run.dtype)
+    run.add_(1).mul_(skipped)
+    torch.maximum(longest, run, out=longest)
+
+
+def fp16_divergence(longest_skipped: int, scale: float) -> str | None:
+    """Why the GradScaler's history means the run diverged, or None if it is healthy."""
+    if longest_skipped >= MAX_SKIPPED_STEPS:
+        return (f"{longest_skipped} optimizer steps in a row skipped by the fp16 GradScaler "
+                "(non-finite gradients)")
+    if scale < MIN_SCALE:
+        return (f"the fp16 GradScaler's scale collapsed to {scale:.3g} (gradients overflow fp16 "
+                "even scaled down)")
+    return None
+
+
+def check_batch_split(batch_size: int, world: int, sync_bn: bool) -> None:
+    """Refuse batch splits that cannot train; ``sync_bn``: batch statistics are over all ranks."""
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by {world} processes")
+    # BatchNorm on the pooled 1x1 context features needs two samples: per process, or in total
+    # when SyncBatchNorm computes the statistics over all processes.
+    if batch_size // world < 2 and not (sync_bn and batch_size >= 2):
+        raise ValueError(
+            f"--batch-size {batch_size} gives {batch_size // world} image per process; at least "
+            "2 are needed" + ("" if batch_size < 2 else
+                              " without SyncBatchNorm (with --sync-bn, 1 is allowed)"))
+
+
+def uses_sync_bn(cfg: TrainConfig, dist_info: distributed.DistInfo) -> bool:
+    """Synchronised BatchNorm: with several processes and --sync-bn, on CUDA and on the CPU."""
+    return dist_info.distributed and dist_info.world_size > 1 and cfg.sync_bn
+
+
+def build_train_model(cfg: TrainConfig, dist_info: distributed.DistInfo,
+                      init_weights: bool) -> nn.Module:
+    """The model on its device, initialised (unless resuming) and with SyncBatchNorm if used."""
+    model = build_model(cfg.model, cfg.n_classes, aux_heads=True)
+    # DDP copies rank 0's weights to every rank, so only rank 0 reads (or downloads) them.
+    if init_weights and dist_info.is_main:
+        if cfg.finetune_from:
+            logger.info(load_finetune_weights(model, cfg.finetune_from, cfg.n_classes))
+        else:
+            logger.info(load_pretrained_backbone(model, cfg.pretrained, cfg.model))
+    model.to(dist_info.device)
+    if uses_sync_bn(cfg, dist_info):
+        if dist_info.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # nn.SyncBatchNorm is CUDA-only; ours all-reduces over gloo
+            model = convert_sync_batchnorm(model)
+    if dist_info.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _log_progress(it, cfg, optimizer, sums, names, count, elapsed):
@@ -154,25 +282,69 @@ def _log_progress(it, cfg, optimizer, sums, names, count, elapsed):
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train ``cfg.model``, evaluate it on the validation split, and return a summary."""
     dist_info = distributed.init_distributed(cfg.device)
-    out_dir = Path(cfg.resolved_output_dir())
-    setup_logging(out_dir / "train.log" if dist_info.is_main else None, dist_info.rank)
+    setup_logging(None, dist_info.rank)
     try:
-        return _train(cfg, dist_info, out_dir)
+        plan = _plan_run(cfg, dist_info)
+        setup_logging(plan.run_dir / "train.log" if dist_info.is_main else None, dist_info.rank)
+        return _train(cfg, dist_info, plan)
     finally:
         distributed.cleanup_distributed()
 
 
-def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, out_dir: Path) -> dict[str, Any]:
+def _plan_run(cfg: TrainConfig, dist_info: distributed.DistInfo) -> RunPlan:
+    """Rank 0 picks (and creates) the run folder; every rank gets the same answer or error."""
+    result: RunPlan | ValueError | None = None
+    if dist_info.is_main:
+        try:
+            result = plan_run(cfg.runs_root(), cfg.output_dir, cfg.resume)
+        except ValueError as exc:
+            result = exc
+    result = distributed.broadcast_object(result)
+    if isinstance(result, ValueError):
+        raise result
+    return result
+
+
+def _find_resume(cfg: TrainConfig, plan: RunPlan) -> tuple[Path, dict] | None:
+    if cfg.resume is None:
+        return None
+    if plan.resume_auto:
+        found = latest_usable_checkpoint(plan.run_dir)
+        if found is None:
+            logger.info("--resume auto: no checkpoint in %s, the run starts at iteration 0",
+                        plan.run_dir)
+        return found
+    return Path(cfg.resume), load_checkpoint(cfg.resume)
+
+
+def _check_resume(cfg: TrainConfig, path: Path, checkpoint: dict, run_dir: Path
+                  ) -> list[tuple[str, Any, Any]]:
+    """The checkpoint can continue this command line; returns the schedule options changed."""
+    describe_checkpoint(checkpoint, path, cfg.model, cfg.n_classes)
+    if "optimizer" not in checkpoint:
+        raise CheckpointError(f"{path} has no optimizer state: it cannot be resumed "
+                              "(use --finetune-from to start a new run from its weights)")
+    changes = compare_resume_config(checkpoint.get("config") or {}, cfg, path)
+    done = int(checkpoint["iteration"])
+    if done > cfg.max_iter:
+        raise ValueError(f"{path} is at iteration {done}, beyond --max-iter {cfg.max_iter}: a run "
+                         "cannot be shortened")
+    if done == cfg.max_iter:
+        raise RunFinished(f"run {run_dir} is finished at iteration {done} ({path.name}); nothing "
+                          "to do (a larger --max-iter extends it)")
+    return changes
+
+
+def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> dict[str, Any]:
     device = dist_info.device
     world = dist_info.world_size
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
-    if cfg.batch_size // world < 2:
-        # BatchNorm on the pooled 1x1 context features needs two samples per process.
-        raise ValueError(f"--batch-size {cfg.batch_size} gives {cfg.batch_size // world} image "
-                         f"per process; at least 2 are needed")
+    out_dir = plan.run_dir
+    check_batch_split(cfg.batch_size, world, uses_sync_bn(cfg, dist_info))
+    resume = _find_resume(cfg, plan)
+    changes = _check_resume(cfg, *resume, out_dir) if resume is not None else []
     torch.manual_seed(cfg.seed)
     if dist_info.is_main:
+        logger.info("run folder: %s", out_dir)
         logger.info("config: %s", dataclasses.asdict(cfg))
         logger.info("%d process(es) on %s, %d images per process per iteration",
                     world, device, cfg.batch_size // world)
@@ -185,91 +357,110 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, out_dir: Path) -> 
     if dist_info.is_main:
         logger.info("training set: %d images from %s", len(train_set), cfg.data_root)
 
-    model = build_model(cfg.model, cfg.n_classes, aux_heads=True)
-    resume = _resume_state(cfg, out_dir)
-    start_iter = 0
-    # DDP copies rank 0's weights to every rank, so only rank 0 reads (or downloads) them.
-    if resume is None and dist_info.is_main:
-        if cfg.finetune_from:
-            logger.info(load_finetune_weights(model, cfg.finetune_from, cfg.n_classes))
-        else:
-            logger.info(load_pretrained_backbone(model, cfg.pretrained, cfg.model))
-    model.to(device)
-    if dist_info.distributed and device.type == "cuda" and cfg.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif dist_info.distributed and world > 1 and cfg.sync_bn:  # nn.SyncBatchNorm is CUDA-only
-        model = convert_sync_batchnorm(model)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-
+    model = build_train_model(cfg, dist_info, init_weights=resume is None)
     optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.head_lr_mult)
-    scheduler = WarmupPolyLR(optimizer, cfg.max_iter, cfg.warmup_iter, cfg.warmup_ratio,
-                             power=cfg.poly_power)
     use_scaler = cfg.fp16 and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-
+    state = RunState(cfg, info, out_dir, model, optimizer, make_scheduler(optimizer, cfg),
+                     torch.amp.GradScaler(device.type, enabled=use_scaler))
     if resume is not None:
         path, checkpoint = resume
-        describe_checkpoint(checkpoint, path, cfg.model, cfg.n_classes)
-        if "optimizer" not in checkpoint:
-            raise CheckpointError(f"{path} has no optimizer state: it cannot be resumed "
-                                  "(use --finetune-from to start a new run from its weights)")
-        model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_iter = int(checkpoint["iteration"])
-        if dist_info.is_main:
-            logger.info("resumed from %s at iteration %d", path, start_iter)
+        state.load(checkpoint)
+        state.last_checkpoint = path
         del checkpoint
+        if dist_info.is_main:
+            logger.info("resumed from %s at iteration %d", path, state.iteration)
+            for name, old, new in changes:
+                if name == "max_iter":
+                    logger.info("max_iter: extending %s -> %s", old, new)
+                else:
+                    logger.info("%s: %s -> %s from iteration %d", name, old, new, state.iteration)
 
-    ddp_model: nn.Module = model
     if dist_info.distributed:
         # gradients as views of the all-reduce buckets: no copy, and no stride mismatch with
         # channels-last weights
-        ddp_model = DistributedDataParallel(
+        state.ddp_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,
         )
 
     sampler = InfiniteShardedSampler(len(train_set), cfg.batch_size, dist_info.rank, world,
-                                     seed=cfg.seed, start_iter=start_iter)
+                                     seed=cfg.seed, start_iter=state.iteration)
     loader = DataLoader(
         train_set, batch_size=cfg.batch_size // world, sampler=sampler,
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=True,
         worker_init_fn=worker_init, persistent_workers=cfg.num_workers > 0,
     )
     criterion = OhemCrossEntropy(thresh=cfg.ohem_thresh, ignore_index=cfg.ignore_index)
-    names = model.output_names
 
-    summary = _train_loop(cfg, dist_info, out_dir, info, model, ddp_model, loader, criterion,
-                          optimizer, scheduler, scaler, start_iter, names)
-    final_path = out_dir / "model_final.pth"
+    summary = _train_loop(state, loader, criterion, dist_info)
+    final_path = out_dir / FINAL_NAME
+    state.ensure_finite()
     if dist_info.is_main:
-        save_checkpoint(final_path, build_checkpoint(cfg, info, model, cfg.max_iter))
+        # the full state: a larger --max-iter with --resume extends a finished run
+        state.save(final_path)
         logger.info("saved %s", final_path)
     summary["checkpoint"] = str(final_path)
+    summary["run_dir"] = str(out_dir)
 
     if cfg.eval_at_end:
         summary.update(_evaluate_at_end(cfg, dist_info, out_dir, info, model))
     return summary
 
 
-def _train_loop(cfg, dist_info, out_dir, info, model, ddp_model, loader, criterion, optimizer,
-                scheduler, scaler, start_iter, names) -> dict[str, Any]:
-    device = dist_info.device
-    ddp_model.train()
+class StopRequest:
+    """SIGINT/SIGTERM only set a flag, read between iterations; a second signal aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt(f"second signal {signum}: stopping without a checkpoint")
+        self.signum = signum
+
+    def __enter__(self) -> StopRequest:
+        # SIGINT is set explicitly because a process started in the background inherits it ignored
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, it: int, dist_info: distributed.DistInfo) -> bool:
+        """Whether to stop after iteration ``it``; under DDP every rank gets the same answer.
+
+        Distributed, the flag is all-reduced (MAX) so that all ranks stop at the same iteration.
+        On the CPU (gloo) that is cheap and done every iteration; on CUDA it would synchronise the
+        host with the GPU every iteration, so it is done every STOP_CHECK_EVERY iterations.
+        """
+        if not dist_info.distributed:
+            return bool(self.signum)
+        if dist_info.device.type == "cuda" and it % STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor([float(bool(self.signum))], device=dist_info.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
+                dist_info: distributed.DistInfo) -> dict[str, Any]:
+    cfg, device = state.cfg, dist_info.device
+    names = state.model.output_names
+    state.net.train()
     sums = torch.zeros(len(names) + 1, device=device)
-    count, skipped_in_a_row, last_checkpoint = 0, 0, None
+    scaler = state.scaler
+    # runs of skipped steps, counted on the device (see count_skipped_steps)
+    skip_run = torch.zeros((), device=device)
+    skip_longest = torch.zeros((), device=device)
+    count = 0
     tic = time.perf_counter()
     batches = iter(loader)
-    it = start_iter
-    # Ctrl-C, and SIGTERM (cluster pre-emption, torchrun stopping the job), save a checkpoint;
-    # SIGINT is set explicitly because a process started in the background inherits it ignored.
-    previous_handlers = {sig: signal.signal(sig, _raise_keyboard_interrupt)
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while it < cfg.max_iter:
+    with StopRequest() as stop:
+        while state.iteration < cfg.max_iter:
+            it = state.iteration
             # Randomness inside the model (dropout) depends only on (seed, rank, iteration), so
             # that a resumed run continues exactly as an uninterrupted one would have.
             torch.manual_seed(iteration_seed(cfg.seed, dist_info.rank, it))
@@ -279,77 +470,82 @@ def _train_loop(cfg, dist_info, out_dir, info, model, ddp_model, loader, criteri
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast_context(device, cfg.fp16):
-                outputs = ddp_model(images)
+                outputs = state.net(images)
             losses = torch.stack([criterion(out.float(), labels) for out in outputs])
             loss = losses[0] + cfg.aux_weight * losses[1:].sum()
-            # With an active GradScaler, non-finite values are expected now and then: it skips them.
-            if not scaler.is_enabled() and not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at iteration {it + 1} (per head: "
-                    f"{dict(zip(names, losses.tolist(), strict=True))}); last good checkpoint: "
-                    f"{last_checkpoint or 'none written yet'}. Check the labels "
-                    "(tools/check_dataset.py) or lower --lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
+            state.optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
-            scaler.step(optimizer)
+            # the scale tensor before the step (private attribute: get_scale() would synchronise)
+            scale_before = scaler._scale.clone() if scaler.is_enabled() else None
+            scaler.step(state.optimizer)
             scaler.update()
-            scheduler.step()
-            it += 1
-            if scale_before is not None and scaler.get_scale() < scale_before:
-                skipped_in_a_row += 1  # the scaler found inf/NaN gradients and skipped the step
-                if skipped_in_a_row in (MAX_SKIPPED_STEPS, 10 * MAX_SKIPPED_STEPS):
-                    logger.warning("%d optimizer steps in a row skipped by the fp16 GradScaler "
-                                   "(non-finite gradients) up to iteration %d", skipped_in_a_row,
-                                   it)
-            else:
-                skipped_in_a_row = 0
-
-            sums[0] += loss.detach()
-            sums[1:] += losses.detach()
+            state.scheduler.step()
+            state.iteration = it = it + 1
+            stats = torch.cat([loss.detach()[None], losses.detach()])
+            if scale_before is not None:
+                count_skipped_steps(skip_run, skip_longest, scale_before, scaler._scale)
+                # the scaler skips the occasional overflow: only its history signals divergence
+                stats = torch.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0)
+            sums += stats
             count += 1
+
             if it % cfg.log_every == 0 or it == cfg.max_iter:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - tic
+                _check_divergence(state, sums, count, names, skip_longest)
+                skip_longest.copy_(skip_run)
                 if dist_info.is_main:
-                    _log_progress(it, cfg, optimizer, sums, names, count, elapsed)
+                    _log_progress(it, cfg, state.optimizer, sums, names, count, elapsed)
                 sums.zero_()
                 count = 0
                 tic = time.perf_counter()
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.max_iter:
-                last_checkpoint = _save_periodic(cfg, dist_info, out_dir, info, model, it,
-                                                 optimizer, scheduler, scaler)
-    except KeyboardInterrupt:
-        if dist_info.is_main:
-            logger.warning("interrupted at iteration %d: saving a checkpoint", it)
-        _save_periodic(cfg, dist_info, out_dir, info, model, it, optimizer, scheduler, scaler,
-                       barrier=False)
-        raise
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    return {"iterations": it, "final_lr": base_lr(optimizer)}
+                _check_divergence(state, sums, count, names, skip_longest)
+                _save_periodic(state, dist_info)
+            if stop.agreed(it, dist_info):
+                if dist_info.is_main:
+                    logger.warning("signal %d: stopping after iteration %d", stop.signum or 0, it)
+                if state.last_checkpoint != state.run_dir / CHECKPOINT_PATTERN.format(it):
+                    _check_divergence(state, sums, count, names, skip_longest)
+                    _save_periodic(state, dist_info)
+                raise KeyboardInterrupt(f"stopped at iteration {it}")
+    return {"iterations": state.iteration, "final_lr": base_lr(state.optimizer)}
+
+
+def _check_divergence(state: RunState, sums: torch.Tensor, count: int, names: Sequence[str],
+                      skip_longest: torch.Tensor) -> None:
+    """Raise TrainingDiverged on a non-finite loss or a GradScaler that keeps skipping steps.
+
+    Called at logging and checkpoint times only: reading the sums synchronises with the device.
+    The verdict is all-reduced so that every rank stops together.
+    """
+    bad = (~torch.isfinite(sums)).any().to(sums.dtype)[None]
+    distributed.all_reduce_sum(bad)
+    if bad.item():
+        means = (sums / max(count, 1)).tolist()
+        heads = dict(zip(names, [f"{v:.4g}" for v in means[1:]], strict=True))
+        raise diverged(state, f"loss is {means[0]} (mean of the last {count} iterations, per "
+                              f"head: {heads})")
+    if state.scaler.is_enabled():
+        reason = fp16_divergence(int(skip_longest.item()), state.scaler.get_scale())
+        if reason is not None:
+            raise diverged(state, reason)
 
 
 def iteration_seed(seed: int, rank: int, iteration: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + iteration) % (2**63)
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _save_periodic(cfg, dist_info, out_dir, info, model, it, optimizer, scheduler, scaler,
-                   barrier: bool = True) -> Path:
-    path = out_dir / CHECKPOINT_PATTERN.format(it)
+def _save_periodic(state: RunState, dist_info: distributed.DistInfo) -> Path:
+    path = state.run_dir / CHECKPOINT_PATTERN.format(state.iteration)
+    state.ensure_finite()  # on every rank (same weights), so that all stop together
     if dist_info.is_main:
-        save_checkpoint(path, build_checkpoint(cfg, info, model, it, optimizer, scheduler, scaler))
-        prune_checkpoints(out_dir, cfg.keep_checkpoints)
+        state.save(path)
+        prune_checkpoints(state.run_dir, state.cfg.keep_checkpoints)  # this run's folder only
         logger.info("saved %s", path)
-    if barrier:
-        distributed.barrier()
+    distributed.barrier()
+    state.last_checkpoint = path
     return path
 
 
@@ -384,9 +580,11 @@ def main(recipe: TrainConfig, argv=None, description: str = "",
         cfg = parse_config(recipe, argv, description, presets)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    os.makedirs(cfg.resolved_output_dir(), exist_ok=True)
     try:
         return train(cfg)
+    except RunFinished as exc:
+        logger.info("%s", exc)
+        return {"finished": str(exc)}
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except (TrainingDiverged, CheckpointError, PretrainedWeightsError, ValueError,
@@ -395,5 +593,6 @@ def main(recipe: TrainConfig, argv=None, description: str = "",
         raise SystemExit(1) from None
 
 
-__all__ = ["train", "main", "TrainingDiverged", "autocast_context", "build_checkpoint",
-           "load_finetune_weights"]
+__all__ = ["train", "main", "TrainingDiverged", "RunState", "autocast_context",
+           "build_checkpoint", "load_finetune_weights", "check_batch_split", "fp16_divergence",
+           "count_skipped_steps", "make_scheduler"]

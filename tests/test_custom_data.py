@@ -165,6 +165,12 @@ def test_nan_loss_stops_with_iteration_and_last_checkpoint(tmp_path):
     out = proc.stdout + proc.stderr
     assert "loss is nan" in out.lower() or "loss is inf" in out.lower(), out
     assert "last good checkpoint" in out and "checkpoint_iter" in out
+    # no checkpoint is ever written from the non-finite state
+    assert not (tmp_path / "run" / "model_final.pth").exists()
+    saved = list((tmp_path / "run").glob("checkpoint_iter*.pth"))
+    assert saved and all(torch.isfinite(t).all() for p in saved
+                         for t in load_checkpoint(p)["state_dict"].values()
+                         if t.is_floating_point())
 
 
 # raw label value -> class id, as the JSON map below says; other raw values must become ignore

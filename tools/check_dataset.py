@@ -45,7 +45,8 @@ def main(argv=None) -> int:
             n_problems += 1
             continue
         report = check_pairs(pairs, cfg.n_classes, cfg.ignore_index, info.label_lut,
-                             decode_images=not args.no_decode, progress=True, split=split)
+                             decode_images=not args.no_decode, progress=True, split=split,
+                             valid_raw=info.valid_raw)
         print(f"[{split}] " + format_report(report, info.class_names, cfg.ignore_index))
         n_problems += len(report.problems)
     print("OK" if n_problems == 0 else f"{n_problems} problem(s) found")
