@@ -6,6 +6,9 @@ A checkpoint written by this repository is a dict::
      "mean": [...], "std": [...], "iteration": 1234, "config": {...},
      "optimizer": {...}, "scheduler": {...}, "scaler": {...}}   # the last three for resuming
 
+Periodic checkpoints and the final ``model_final.pth`` of a training run carry all of it (the final
+one too, so that a finished run can be extended with a larger ``--max-iter``).
+
 A bare state dict, such as the published ``model_final_v2_city.pth``, is accepted wherever a
 checkpoint is: the model name and class count are then inferred from its keys.
 """

@@ -503,7 +503,7 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.max_iter:
                 _check_divergence(state, sums, count, names, skip_longest)
                 _save_periodic(state, dist_info)
-            if stop.agreed(it, dist_info):
+            if it < cfg.max_iter and stop.agreed(it, dist_info):  # else: finishing anyway
                 if dist_info.is_main:
                     logger.warning("signal %d: stopping after iteration %d", stop.signum or 0, it)
                 if state.last_checkpoint != state.run_dir / CHECKPOINT_PATTERN.format(it):

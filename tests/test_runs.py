@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import demo
+from bisenetv2.train import RECIPE
+from lib import trainer
 from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.config import TrainConfig
+from lib.config import TrainConfig, parse_config
 from lib.evaluate_cmd import main as evaluate_main
 from lib.runs import (
     DEFINING_FIELDS,
@@ -84,9 +86,9 @@ def test_rerunning_a_command_keeps_both_runs_and_resume_auto_continues_the_newes
     assert f"run {Path('res/bisenetv2') / second.name} is finished at iteration 3" in log, log
     assert "nothing to do" in log and "iter 4/" not in log
     assert list_runs(root) == [first, second]
+    monkeypatch.chdir(cwd)
 
     # evaluate.py / demo.py without --ckpt: no res/model_final.pth, so the newest trained model
-    monkeypatch.chdir(cwd)
     results = evaluate_main(["--data-root", str(toy_root), "--device", "cpu",
                              "--num-workers", "0"])
     assert set(results) == {"ss"}
@@ -97,7 +99,8 @@ def test_rerunning_a_command_keeps_both_runs_and_resume_auto_continues_the_newes
     assert capsys.readouterr().err.count(said) == 2
 
 
-def test_resume_applies_a_new_schedule_and_refuses_changed_run_options(toy_root, two_runs):
+def test_resume_applies_a_new_schedule_and_refuses_changed_run_options(toy_root, two_runs,
+                                                                       monkeypatch):
     cwd, first, _ = two_runs
     (second,) = [p for p in list_runs(cwd / "res" / "bisenetv2") if p != first]
     # the finished newest run extended: from the resumed iteration on, the learning rate is the
@@ -111,13 +114,19 @@ def test_resume_applies_a_new_schedule_and_refuses_changed_run_options(toy_root,
     assert load_checkpoint(second / "model_final.pth")["iteration"] == 5
 
     # options that define the run must match: every difference is named, nothing is trained
-    log = _train(cwd, toy_root, "--max-iter", "8", "--resume", "auto", "--crop-size", "64", "96",
-                 "--seed", "3", ok=False)
-    assert "--crop-size: (64, 128) in the checkpoint, (64, 96) now" in log, log
-    assert "--seed: 0 in the checkpoint, 3 now" in log and "iter 6/" not in log
+    monkeypatch.chdir(cwd)
+    before = {p: _digest(p) for p in second.glob("*.pth")}
+    with pytest.raises(ValueError) as refused:
+        trainer.train(parse_config(RECIPE, [
+            "--data-root", str(toy_root), "--crop-size", "64", "96", "--batch-size", "2",
+            "--warmup-iter", "1", "--max-iter", "8", "--resume", "auto", "--seed", "3"]))
+    assert "--crop-size: (64, 128) in the checkpoint, (64, 96) now" in str(refused.value)
+    assert "--seed: 0 in the checkpoint, 3 now" in str(refused.value)
+    assert {p: _digest(p) for p in second.glob("*.pth")} == before
     # a new run is refused in a folder holding another run, with the way out
-    log = _train(cwd, toy_root, "--output-dir", str(first), "--max-iter", "4", ok=False)
-    assert "already holds a run" in log and "--resume auto" in log
+    with pytest.raises(ValueError, match="already holds a run.*--resume auto"):
+        trainer.train(parse_config(RECIPE, ["--data-root", str(toy_root), "--output-dir",
+                                            str(first), "--device", "cpu"]))
 
 
 def test_every_config_field_has_a_resume_rule():

@@ -28,6 +28,7 @@ from torch import nn  # noqa: E402
 from lib.checkpoint import CheckpointError, load_model  # noqa: E402
 from lib.deploy import to_inference_form  # noqa: E402
 from lib.models import MODEL_NAMES  # noqa: E402
+from lib.runs import default_checkpoint  # noqa: E402
 
 
 class WithArgmax(nn.Module):
@@ -70,7 +71,9 @@ def export(model: nn.Module, path: pathlib.Path, fmt: str, argmax: bool = False,
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default="res/model_final.pth")
+    parser.add_argument("--ckpt", default=None,
+                        help="checkpoint (default: res/model_final.pth if it exists, else the "
+                             "newest trained run's model_final.pth)")
     parser.add_argument("--model", choices=MODEL_NAMES, default=None)
     parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     parser.add_argument("--output", default=None, help="default: next to the checkpoint")
@@ -79,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
                         help="example input size used for tracing")
     parser.add_argument("--opset", type=int, default=17)
     args = parser.parse_args(argv)
+    if args.ckpt is None:
+        args.ckpt = str(default_checkpoint("res/model_final.pth", "res"))
     try:
         model, _ = load_model(args.ckpt, "cpu", args.model)
     except CheckpointError as exc:
