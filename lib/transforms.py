@@ -84,12 +84,19 @@ def colour_jitter(image: np.ndarray, brightness: float, contrast: float, saturat
     if brightness != 1.0 or contrast != 1.0:
         image = cv2.LUT(image, jitter_tables(brightness, contrast))
     if saturation != 1.0:
-        # (3, 3) @ (3, N) on planar channels: the same three float32 products and sums per value
-        # as (N, 3) @ M, but a matrix product shape BLAS handles several times faster
-        planar = np.stack(cv2.split(image)).reshape(3, -1).astype(np.float32)
-        mixed = np.matmul(saturation_matrix(saturation).T, planar) / np.float32(3)
-        channels = np.clip(mixed, 0, 255).astype(np.uint8).reshape(3, *image.shape[:2])
-        image = cv2.merge(list(channels))
+        # out_c = (x_0 w_0c + x_1 w_1c + x_2 w_2c) / 3 as separate float32 operations: the same
+        # bits whatever the BLAS library or thread count (a matrix product may fuse multiply-adds
+        # in some kernels and not others, which would make 1 and N processes see other images)
+        weights = saturation_matrix(saturation)
+        planes = [channel.astype(np.float32) for channel in cv2.split(image)]
+        mixed = []
+        for c in range(3):
+            total = planes[0] * weights[0, c]
+            total += planes[1] * weights[1, c]
+            total += planes[2] * weights[2, c]
+            total /= np.float32(3)
+            mixed.append(np.clip(total, 0, 255).astype(np.uint8))
+        image = cv2.merge(mixed)
     return image
 
 
