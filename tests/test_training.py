@@ -160,3 +160,27 @@ def test_one_and_two_processes_train_to_the_same_weights(tmp_path):
     moved = max((one[k] - initial[k]).abs().max().item() for k in params)
     differ = max((one[k] - two[k]).abs().max().item() for k in params)
     assert moved > 1e-4 and differ < moved / 100
+
+
+def test_one_image_per_process_trains_with_synchronised_batchnorm_only(toy_root, tmp_path):
+    """The paper's global batch 16 on 16 GPUs is 1 image per process: allowed with synchronised
+    BatchNorm (its statistics are over the global batch), refused without it. Two gloo
+    processes with 1 image each stand in for the GPUs."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    args = _train_args(toy_root, tmp_path / "sync", "--batch-size", "2", "--max-iter", "2",
+                       "--warmup-iter", "1", "--checkpoint-every", "0", "--no-eval-at-end")
+    proc = _run([*launch, f"--master_port={_free_port()}", "bisenetv2/train.py", *args])
+    assert "1 images per process per iteration" in proc.stdout + proc.stderr
+    checkpoint = load_checkpoint(tmp_path / "sync" / "model_final.pth")
+    assert checkpoint["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values()
+               if v.is_floating_point())
+
+    refused = subprocess.run(
+        [*launch, f"--master_port={_free_port()}", "bisenetv2/train.py",
+         *_train_args(toy_root, tmp_path / "plain", "--batch-size", "2", "--no-sync-bn")],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=900,
+    )
+    assert refused.returncode != 0
+    assert "gives 1 image per process; at least 2 are needed" in refused.stdout + refused.stderr
