@@ -234,3 +234,7 @@ def test_annotation_list_dataset_with_label_map_trains(tmp_path):
          str(root / "map.json"), "--n-classes", "3", "--device", "cpu", "--output-dir",
          str(tmp_path / "run"), "--crop-size", "48", "64", "--max-iter", "2", "--warmup-iter",
          "1", "--batch-size", "2", "--num-workers", "0")
+    checkpoint = load_checkpoint(tmp_path / "run" / "model_final.pth")
+    assert checkpoint["iteration"] == 2 and checkpoint["n_classes"] == 3
+    assert checkpoint["config"]["label_map"] == str(root / "map.json")
+    assert checkpoint["state_dict"]["head.conv_out.1.weight"].shape[0] == 3
