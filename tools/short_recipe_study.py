@@ -183,8 +183,7 @@ def evaluate_miou(model: torch.nn.Module, root: Path) -> float:
                             train=False)
     model.eval()
     conf = evaluate(model, val_set, N_CLASSES, EvalOptions(modes=("ss",)), device="cpu",
-                    progress=False,
-                    num_workers=0)["ss"]
+                    progress=False, num_workers=0)["ss"]
     return float(iou_from_confusion(conf)[1])
 
 
