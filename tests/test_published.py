@@ -16,15 +16,19 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 from test_models import expected_layout
+from tools_loader import load_tool
 
+import demo
 import lib.evaluate_cmd as evaluate_cmd
 from bisenetv1.model import BiSeNetV1
 from bisenetv2.model import BiSeNetV2
 from lib import pretrained
 from lib.checkpoint import CheckpointError, dataset_for_class_count, load_checkpoint, load_model
+from lib.datasets import DATASETS
 from lib.models import build_model
 from lib.trainer import load_finetune_weights
 
@@ -74,6 +78,26 @@ def published_like(model_name: str, n_classes: int, seed: int = 0) -> dict[str, 
     return state
 
 
+def direct_model(model_class, n_classes: int, file: Path) -> torch.nn.Module:
+    """The independent path: the file's tensors in a directly built model, in float64."""
+    model = model_class(n_classes=n_classes, aux_heads=True)
+    model.load_state_dict(torch.load(file, weights_only=True))
+    return model.double().eval()
+
+
+def direct_logits(model: torch.nn.Module, image_path: Path, mean, std) -> torch.Tensor:
+    rgb = cv2.imread(str(image_path))[..., ::-1] / 255.0
+    x = (rgb - np.array(mean)) / np.array(std)
+    with torch.no_grad():
+        return model(torch.from_numpy(x.transpose(2, 0, 1).copy())[None])[0]
+
+
+def clear_pixels(logits: torch.Tensor) -> np.ndarray:
+    """Pixels whose two best logits are too far apart for float32 rounding to swap them."""
+    top2 = logits.topk(2, dim=0).values
+    return (top2[0] - top2[1] > 1e-4 * logits.abs().max()).numpy()
+
+
 def write_folders_dataset(root: Path, n_classes: int, rng: np.random.Generator) -> list[Path]:
     """Two 64x96 images with labels of random classes (and some ignore) in the folders layout."""
     (root / "images" / "val").mkdir(parents=True)
@@ -110,20 +134,11 @@ def test_named_weights_resolve_in_the_hub_cache_and_evaluate_like_a_direct_load(
     table = capsys.readouterr().out
     assert f"| {first} " in table and f"| {last} " in table  # the dataset's class names
 
-    # independent path: the file's tensors in a directly built model, in float64
-    direct = model_class(n_classes=n_classes, aux_heads=True)
-    direct.load_state_dict(torch.load(hub / file_name, weights_only=True))
-    direct = direct.double().eval()
+    direct = direct_model(model_class, n_classes, hub / file_name)
     intersection, union = np.zeros(n_classes), np.zeros(n_classes)
     for image_path in images:
-        rgb = cv2.imread(str(image_path))[..., ::-1] / 255.0
-        x = (rgb - np.array(mean)) / np.array(std)
-        with torch.no_grad():
-            logits = direct(torch.from_numpy(x.transpose(2, 0, 1).copy())[None])[0]
-        top2 = logits.topk(2, dim=0).values
-        # pixels whose two best logits are too far apart for float32 rounding to swap them
-        clear = (top2[0] - top2[1] > 1e-4 * logits.abs().max()).numpy()
-        expected = logits.argmax(0).numpy()
+        logits = direct_logits(direct, image_path, mean, std)
+        expected, clear = logits.argmax(0).numpy(), clear_pixels(logits)
         saved = cv2.imread(str(tmp_path / "pred" / "val" / image_path.name), cv2.IMREAD_UNCHANGED)
         assert clear.mean() > 0.99
         assert np.array_equal(saved[clear], expected[clear])
@@ -258,3 +273,30 @@ def test_finetune_from_a_published_name(hub):
     message = load_finetune_weights(model, "bisenetv1-ade20k", 150)
     assert str(hub / "model_final_v1_ade20k.pth") in message
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_demo_and_export_take_a_published_name(hub, tmp_path, monkeypatch):
+    torch.save(published_like("bisenetv2", 171), hub / "model_final_v2_coco.pth")
+    rng = np.random.default_rng(1)
+    cv2.imwrite(str(tmp_path / "pic.png"), rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    direct = direct_model(BiSeNetV2, 171, hub / "model_final_v2_coco.pth")
+    logits = direct_logits(direct, tmp_path / "pic.png", COCO_MEAN, COCO_STD)
+    expected, clear = logits.argmax(0).numpy(), clear_pixels(logits)
+    monkeypatch.chdir(tmp_path)
+
+    (written,) = demo.main(["--ckpt", "bisenetv2-coco", "--img-path", "pic.png", "--layout",
+                            "mask", "--device", "cpu", "--output", "out"])
+    colours = cv2.imread(str(written))[..., ::-1]
+    palette = DATASETS["coco-stuff"].palette  # the dataset's colours, not generated ones
+    assert np.array_equal(colours[clear], palette[expected][clear])
+
+    # exported next to res/, not into the hub cache; the graph computes the file's model
+    written = load_tool("export").main(["--ckpt", "bisenetv2-coco", "--size", "64", "96"])
+    assert written == Path("res") / "bisenetv2-coco.onnx"
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    session = onnxruntime.InferenceSession(str(written), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": x.float().numpy()})
+    with torch.no_grad():
+        want = direct(x)
+    torch.testing.assert_close(torch.from_numpy(got).double(), want, rtol=0,
+                               atol=1e-4 * want.abs().max().item())
