@@ -197,7 +197,8 @@ def load_model(
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"weights in {path} do not fit a {name} model: {exc}") from exc
+        raise CheckpointError(
+            f"weights in {checkpoint['file']} do not fit a {name} model: {exc}") from exc
     checkpoint["model"], checkpoint["n_classes"] = name, classes
     _fill_dataset_metadata(checkpoint, classes)
     return model.to(device).eval(), checkpoint
