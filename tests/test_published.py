@@ -210,6 +210,14 @@ def test_missing_file_offline_names_the_exact_path(hub, capsys):
     model = build_model("bisenetv2", 19)
     with pytest.raises(RuntimeError, match="Put that file at " + str(hub / "backbone_v2.pth")):
         pretrained.load_pretrained_backbone(model, "backbone_v2", "bisenetv2")
+    # once the file is there, the name loads it into both branches
+    source = build_model("bisenetv2", 19)
+    torch.save({"detail": source.detail.state_dict(), "segment": source.segment.state_dict()},
+               hub / "backbone_v2.pth")
+    pretrained.load_pretrained_backbone(model, "backbone_v2", "bisenetv2")
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in source.state_dict().items()
+               if k.startswith(("detail.", "segment.")))
     with pytest.raises(ValueError, match="backbone_v2 is BiSeNetV2's backbone"):
         pretrained.load_pretrained_backbone(build_model("bisenetv1", 19), "backbone_v2",
                                             "bisenetv1")
