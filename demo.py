@@ -3,6 +3,7 @@
     python demo.py --ckpt res/model_final.pth --img_path ./pic.jpg        # the seed's command
     python demo.py --ckpt res/model_final.pth --img-path photos/ --output res/demo/
     python demo.py --ckpt res/model_final.pth --video drive.mp4 --layout overlay
+    python demo.py --ckpt bisenetv2-ade20k --img-path room.jpg   # published weights by name
 
 Images are written as ``<output>/<name>.png`` with the input and its segmentation side by side
 (``--layout side``, default) or blended (``--layout overlay``); a video is written back as an mp4.
@@ -29,6 +30,7 @@ from lib.deploy import InferenceModel
 from lib.distributed import select_device
 from lib.inference import normalise
 from lib.models import MODEL_NAMES
+from lib.published import NAMES_HELP
 from lib.runs import default_checkpoint
 from lib.visualize import colourise, make_palette
 
@@ -37,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", "--weight-path", default=None,
-                        help="checkpoint (default: res/model_final.pth if it exists, else the "
-                             "newest trained run's model_final.pth)")
+                        help=f"checkpoint, {NAMES_HELP} (default: res/model_final.pth if it "
+                             "exists, else the newest trained run's model_final.pth)")
     parser.add_argument("--img_path", "--img-path", default=None,
                         help="an image file or a folder of images")
     parser.add_argument("--video", default=None, help="a video file")

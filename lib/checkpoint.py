@@ -10,7 +10,10 @@ Periodic checkpoints and the final ``model_final.pth`` of a training run carry a
 one too, so that a finished run can be extended with a larger ``--max-iter``).
 
 A bare state dict, such as the published ``model_final_v2_city.pth``, is accepted wherever a
-checkpoint is: the model name and class count are then inferred from its keys.
+checkpoint is: the model name and class count are then inferred from its keys, and the dataset
+from the class count where only one dataset has that many classes (see
+:func:`dataset_for_class_count`). The published files can also be given by name
+(``bisenetv2-city``, see :mod:`lib.published`).
 """
 
 from __future__ import annotations
@@ -22,15 +25,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from lib.cityscapes import CLASS_NAMES as CITYSCAPES_CLASS_NAMES
+from lib.datasets import DATASETS
 from lib.models import (
     MODEL_NAMES,
     build_model,
     infer_model_name,
     infer_n_classes,
     strip_module_prefix,
+)
+from lib.published import (
+    PublishedWeightsError,
+    check_published_layout,
+    known_names,
+    published_entry,
+    published_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,11 +87,21 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint (or a bare state dict) on the CPU with ``weights_only=True``.
 
+    ``path`` may also name published weights (``bisenetv2-city``): their file in the torch hub
+    cache is used (downloaded when missing) and checked against the published layout; the
+    result then records ``published`` (the name), ``dataset`` and ``file`` (the path).
     Always returns the checkpoint form: a bare state dict is wrapped as ``{"state_dict": ...}``.
     """
+    try:
+        published = published_entry(path)
+        if published is not None:
+            path = published_file(published[0])
+    except PublishedWeightsError as exc:
+        raise CheckpointError(str(exc)) from exc
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path} (give a checkpoint file, or the name "
+                              f"of published weights: {known_names()})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle of arbitrary objects, not a torch file ...
@@ -94,7 +117,38 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} does not contain a state dict of tensors")
     obj["state_dict"] = strip_module_prefix(state_dict)
+    if published is not None:
+        name, entry = published
+        try:
+            check_published_layout(obj["state_dict"], name, path)
+        except PublishedWeightsError as exc:
+            raise CheckpointError(str(exc)) from exc
+        obj.update(published=name, dataset=entry.dataset)
+    obj["file"] = str(path)
     return obj
+
+
+def dataset_for_class_count(n_classes: int) -> str | None:
+    """The dataset with ``n_classes`` classes when exactly one known dataset has that many
+    (19: cityscapes, 171: coco-stuff, 150: ade20k, 11: camvid), else None."""
+    counts = {name: spec.n_classes for name, spec in DATASETS.items()}
+    counts.setdefault("cityscapes", len(CITYSCAPES_CLASS_NAMES))
+    matches = [name for name, count in counts.items() if count == n_classes]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _fill_dataset_metadata(checkpoint: dict[str, Any], n_classes: int) -> None:
+    """Give a checkpoint without metadata (a bare state dict) its dataset's names, colours and
+    normalisation, when the dataset is known or follows from the class count."""
+    saved = checkpoint.get("config") or {}
+    dataset = (checkpoint.get("dataset") or saved.get("dataset")
+               or dataset_for_class_count(n_classes))
+    checkpoint["dataset"] = dataset
+    spec = DATASETS.get(dataset)
+    if spec is None or spec.n_classes != n_classes or "class_names" in checkpoint:
+        return  # Cityscapes' names and colours are the defaults everywhere
+    checkpoint.update(class_names=list(spec.class_names), palette=np.asarray(spec.palette),
+                      mean=tuple(spec.mean), std=tuple(spec.std))
 
 
 def describe_checkpoint(
@@ -131,7 +185,9 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the model stored in ``path``, load its weights strictly, and put it in eval mode.
 
-    Returns the model and the checkpoint dict (without the weights) for its metadata.
+    ``path`` may name published weights (``bisenetv2-coco``). Returns the model and the
+    checkpoint dict (without the weights) for its metadata; its ``dataset`` is the checkpoint's,
+    else the one its class count implies (None when ambiguous).
     """
     checkpoint = load_checkpoint(path)
     name, classes = describe_checkpoint(checkpoint, path, model_name, n_classes)
@@ -141,8 +197,10 @@ def load_model(
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"weights in {path} do not fit a {name} model: {exc}") from exc
+        raise CheckpointError(
+            f"weights in {checkpoint['file']} do not fit a {name} model: {exc}") from exc
     checkpoint["model"], checkpoint["n_classes"] = name, classes
+    _fill_dataset_metadata(checkpoint, classes)
     return model.to(device).eval(), checkpoint
 
 

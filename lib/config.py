@@ -30,7 +30,8 @@ class TrainConfig:
     # model
     model: str = _opt("bisenetv2", "model to train: bisenetv1, bisenetv2 or diss")
     pretrained: str = _opt(
-        "none", "ImageNet backbone weights: a file, 'auto' (download or local cache) or 'none'"
+        "none", "ImageNet backbone weights: a file, 'auto' (download or local cache; for "
+        "bisenetv2 also 'backbone_v2') or 'none'"
     )
     # data
     dataset: str = _opt(
@@ -80,7 +81,8 @@ class TrainConfig:
     keep_checkpoints: int = _opt(3, "how many periodic checkpoints to keep")
     resume: str | None = _opt(None, "resume from a checkpoint file, or 'auto' for the latest")
     finetune_from: str | None = _opt(
-        None, "initialise from a model file (class layers re-initialised on a class-count change)"
+        None, "initialise from a model file or published weights by name (bisenetv2-city, "
+        "bisenetv1-coco, ...); class layers re-initialised on a class-count change"
     )
     check_data: bool = _opt(True, "check every label file before training starts")
     # evaluation after training

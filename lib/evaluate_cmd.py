@@ -4,6 +4,7 @@
     python evaluate.py --ckpt res/bisenetv2/model_final.pth --mode ss ssc msf mscf
     torchrun --nproc_per_node=2 evaluate.py --ckpt ... --mode msf
     python evaluate.py --ckpt ... --split test --save-pred res/test_pred   # server submission
+    python evaluate.py --ckpt bisenetv2-city         # published weights by name (hub cache)
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from lib.evaluator import (
 )
 from lib.logger import setup_logging
 from lib.models import MODEL_NAMES
+from lib.published import NAMES_HELP
 from lib.runs import default_checkpoint
 
 logger = logging.getLogger("bisenet")
 DEFAULT = EvalOptions()
+# the --dataset values whose files this command reads
+EVAL_DATASETS = ("cityscapes", "list", "folders")
 
 
 def build_parser(default_ckpt: str, model_name: str | None) -> argparse.ArgumentParser:
@@ -45,15 +49,18 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
     )
     data_defaults = TrainConfig()
     parser.add_argument("--ckpt", "--weight-path", default=None,
-                        help=f"checkpoint or published state dict (default: {default_ckpt} if it "
-                             "exists, else the newest trained run's model_final.pth)")
+                        help=f"checkpoint, published state dict, {NAMES_HELP} (default: "
+                             f"{default_ckpt} if it exists, else the newest trained run's "
+                             "model_final.pth)")
     if model_name is None:
         parser.add_argument("--model", choices=MODEL_NAMES, default=None,
                             help="model of a bare state dict (inferred from its keys if omitted)")
     add_protocol_arguments(parser)
     parser.add_argument("--split", default="val", help="val, test (no labels) or train")
-    parser.add_argument("--dataset", default=data_defaults.dataset,
-                        choices=["cityscapes", "list", "folders"])
+    parser.add_argument("--dataset", default=None, choices=EVAL_DATASETS,
+                        help="default: the checkpoint's dataset; for a bare state dict the one "
+                             "its class count implies (19: cityscapes, 171: coco-stuff, "
+                             "150: ade20k, 11: camvid)")
     parser.add_argument("--data-root", default=data_defaults.data_root)
     parser.add_argument("--val-list", default=None, help="annotation list (with --dataset list)")
     parser.add_argument("--label-map", default=None,
@@ -133,6 +140,22 @@ def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final
         distributed.cleanup_distributed()
 
 
+def dataset_to_evaluate(given: str | None, meta: Mapping[str, Any], ckpt: str) -> str:
+    """``--dataset`` when given, else the checkpoint's (or its class count's) dataset."""
+    if given:
+        return given
+    dataset, n_classes = meta.get("dataset"), meta["n_classes"]
+    if dataset is None:
+        raise ValueError(
+            f"{ckpt} has {n_classes} classes, which does not tell its dataset: pass --dataset "
+            f"({', '.join(EVAL_DATASETS)})")
+    if dataset not in EVAL_DATASETS:
+        raise ValueError(
+            f"{ckpt} is a {dataset} model ({n_classes} classes), whose layout this command "
+            f"cannot read: pass --dataset ({', '.join(EVAL_DATASETS)})")
+    return dataset
+
+
 def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[str, Any]:
     model, meta = load_model(args.ckpt, dist_info.device, model_name)
     model = to_inference_form(model)  # BatchNorm folded, no auxiliary heads: same outputs, faster
@@ -142,7 +165,7 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
         TrainConfig(),
         model=meta["model"],
         n_classes=meta["n_classes"],
-        dataset=args.dataset,
+        dataset=dataset_to_evaluate(args.dataset, meta, args.ckpt),
         data_root=args.data_root,
         val_list=args.val_list,
         label_map=args.label_map or saved.get("label_map"),
@@ -158,7 +181,7 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
     dataset = build_dataset(cfg, args.split, train=False)
     if dist_info.is_main:
         logger.info("%s (%d classes) from %s on %d %s images; %s", meta["model"],
-                    meta["n_classes"], args.ckpt, len(dataset), args.split, options.describe())
+                    meta["n_classes"], meta["file"], len(dataset), args.split, options.describe())
     is_cityscapes = cfg.dataset == "cityscapes" and cfg.n_classes == 19
     writer = None
     if args.save_pred:

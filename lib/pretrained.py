@@ -5,9 +5,10 @@
 * BiSeNetV2: the published ``backbone_v2.pth`` (ImageNet-pretrained detail and semantic branches)
   is loaded into ``detail`` and ``segment``.
 
-``auto`` looks in the torch hub cache (``$TORCH_HOME/hub/checkpoints``) and downloads into it when
-the file is missing. When neither works, training stops with an error telling where to put the
-file; it never silently falls back to random weights. ``none`` trains from scratch.
+``auto`` (for BiSeNetV2 also the file's name, ``backbone_v2``) looks in the torch hub cache
+(``$TORCH_HOME/hub/checkpoints``) and downloads into it when the file is missing. When neither
+works, training stops with an error telling where to put the file; it never silently falls back
+to random weights. ``none`` trains from scratch.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from lib.models import MODEL_NAMES, strip_module_prefix
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 # the same ImageNet weights under torchvision's older file name
 RESNET18_FILES = ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth")
-BACKBONE_V2_URL = "https://github.com/CoinCheung/BiSeNet/releases/download/0.0.0/backbone_v2.pth"
+# where the published BiSeNet weights are released (backbone_v2.pth and the trained models)
+RELEASE_URL = "https://github.com/CoinCheung/BiSeNet/releases/download/0.0.0/"
 BACKBONE_V2_FILES = ("backbone_v2.pth",)
+BACKBONE_V2_NAME = "backbone_v2"  # --pretrained backbone_v2: the published file by name
 DOWNLOAD_TIMEOUT_S = 20.0
 _V2_BRANCHES = ("detail", "segment")
 
@@ -46,7 +49,8 @@ def load_pretrained_backbone(model: nn.Module, spec: str | None, model_name: str
 
     Args:
         model: a freshly built ``bisenetv1``, ``diss`` or ``bisenetv2`` model.
-        spec: path of a weight file, ``"auto"`` (hub cache, else download) or ``"none"``/None.
+        spec: path of a weight file, ``"auto"`` (hub cache, else download; ``"backbone_v2"``
+            says the same for BiSeNetV2) or ``"none"``/None.
         model_name: the model's name (one of :data:`lib.models.MODEL_NAMES`).
 
     Returns:
@@ -66,14 +70,23 @@ def load_pretrained_backbone(model: nn.Module, spec: str | None, model_name: str
         return "pretrained backbone: none, training from scratch (random initialisation)"
 
     is_v2 = model_name == "bisenetv2"
-    if spec.strip().lower() == "auto":
+    by_name = spec.strip().lower() == BACKBONE_V2_NAME and not Path(spec).expanduser().is_file()
+    if by_name and not is_v2:
+        raise ValueError(f"--pretrained {BACKBONE_V2_NAME} is BiSeNetV2's backbone; {model_name} "
+                         "uses the torchvision ResNet-18 ImageNet weights (--pretrained auto)")
+    if spec.strip().lower() == "auto" or by_name:
+        option = f"--pretrained {spec.strip()}"
+        alternatives = (", or pass --pretrained PATH with a local copy, or pass --pretrained none "
+                        "to train from scratch")
         if is_v2:
-            path = _cached_or_downloaded(
-                BACKBONE_V2_URL, BACKBONE_V2_FILES, "BiSeNetV2 ImageNet backbone (backbone_v2.pth)"
+            path = cached_or_downloaded(
+                RELEASE_URL + BACKBONE_V2_FILES[0], BACKBONE_V2_FILES,
+                f"{option}: BiSeNetV2 ImageNet backbone (backbone_v2.pth)", alternatives,
             )
         else:
-            path = _cached_or_downloaded(
-                RESNET18_URL, RESNET18_FILES, "torchvision ImageNet ResNet-18 weights"
+            path = cached_or_downloaded(
+                RESNET18_URL, RESNET18_FILES, f"{option}: torchvision ImageNet ResNet-18 weights",
+                alternatives,
             )
     else:
         path = Path(spec).expanduser()
@@ -100,7 +113,15 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def _cached_or_downloaded(url: str, file_names: tuple[str, ...], what: str) -> Path:
+def cached_or_downloaded(
+    url: str, file_names: tuple[str, ...], what: str, alternatives: str = "",
+    error: type[Exception] = PretrainedWeightsError,
+) -> Path:
+    """The first of ``file_names`` found in the torch hub cache, else ``url`` downloaded there.
+
+    Raises ``error`` naming ``what``, the URL and the exact path to put the file when neither works
+    (offline, HTTP error, read-only cache); ``alternatives`` is appended to that advice.
+    """
     folder = hub_checkpoint_dir()
     for name in file_names:
         if (folder / name).is_file():
@@ -115,16 +136,13 @@ def _cached_or_downloaded(url: str, file_names: tuple[str, ...], what: str) -> P
                 check_hash=True, file_name=file_names[0], weights_only=True,
             )
     except Exception as exc:  # URLError, timeouts, HTTP errors, hash mismatch, read-only cache
-        raise PretrainedWeightsError(
-            f"--pretrained auto: {what}: not in the local cache, and downloading {url} "
-            f"failed ({type(exc).__name__}: {exc}). Put that file at {target} "
-            "(the folder follows $TORCH_HOME), or pass --pretrained PATH with a local copy, "
-            "or pass --pretrained none to train from scratch."
+        raise error(
+            f"{what}: not in the local cache, and downloading {url} failed "
+            f"({type(exc).__name__}: {exc}). Put that file at {target} (the folder follows "
+            f"$TORCH_HOME){alternatives}."
         ) from exc
     if not target.is_file():
-        raise PretrainedWeightsError(
-            f"--pretrained auto: download of {url} left no file at {target}"
-        )
+        raise error(f"{what}: download of {url} left no file at {target}")
     return target
 
 
@@ -142,10 +160,12 @@ def _read(path: Path) -> dict[str, Any]:
     return strip_module_prefix(obj)
 
 
-def _check_keys(
-    expected: Mapping[str, torch.Tensor], found: Mapping[str, Any], path: Path, what: str
+def check_keys(
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, Any], path: Path, what: str,
+    error: type[Exception] = PretrainedWeightsError,
 ) -> None:
-    """Raise if ``found`` does not fit ``expected`` exactly (names and shapes).
+    """Raise ``error`` if ``found`` does not fit ``expected`` exactly (names and shapes), naming
+    ``path`` and the keys that differ.
 
     ``num_batches_tracked`` counters may be absent: old checkpoints predate them.
     """
@@ -157,14 +177,14 @@ def _check_keys(
     if unexpected:
         problems.append(f"unexpected keys {_short(unexpected)}")
     wrong = [
-        f"{k} {tuple(found[k].shape)} (expected {tuple(v.shape)})"
+        f"{k} {tuple(getattr(found[k], 'shape', ()))} (expected {tuple(v.shape)})"
         for k, v in expected.items()
         if k in found and (not isinstance(found[k], torch.Tensor) or found[k].shape != v.shape)
     ]
     if wrong:
         problems.append(f"shape mismatch {_short(wrong)}")
     if problems:
-        raise PretrainedWeightsError(f"{path} is not {what}: " + "; ".join(problems))
+        raise error(f"{path} is not {what}: " + "; ".join(problems))
 
 
 def _short(items: list[str], limit: int = 8) -> str:
@@ -180,7 +200,7 @@ def _load_into(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 def _load_resnet18(resnet: nn.Module, state: Mapping[str, Any], path: Path) -> int:
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet classifier
-    _check_keys(resnet.state_dict(), state, path, "a torchvision ResNet-18 state dict")
+    check_keys(resnet.state_dict(), state, path, "a torchvision ResNet-18 state dict")
     _load_into(resnet, state)
     return len(state)
 
@@ -199,7 +219,7 @@ def _load_v2_branches(model: nn.Module, state: Mapping[str, Any], path: Path) ->
         for branch in _V2_BRANCHES
         for k, v in getattr(model, branch).state_dict().items()
     }
-    _check_keys(
+    check_keys(
         expected, flat, path,
         "a BiSeNetV2 backbone (detail.* and segment.* weights only; to start from a full "
         "model checkpoint use --finetune-from)",

@@ -101,7 +101,8 @@ def build_checkpoint(
 
 
 def load_finetune_weights(model: nn.Module, path: str, n_classes: int) -> str:
-    """Load weights from ``path``; class layers with another class count stay re-initialised."""
+    """Load weights from ``path`` (a file, or published weights by name: ``bisenetv2-city``);
+    class layers with another class count stay re-initialised."""
     checkpoint = load_checkpoint(path)
     describe_checkpoint(checkpoint, path, model_name=getattr(model, "model_name", None))
     own = model.state_dict()
@@ -121,7 +122,7 @@ def load_finetune_weights(model: nn.Module, path: str, n_classes: int) -> str:
         kept[key] = value
     missing = [k for k in own if k not in kept and k not in reinitialised]
     model.load_state_dict(kept, strict=False)
-    message = f"fine-tuning from {path}: {len(kept)} tensors loaded"
+    message = f"fine-tuning from {checkpoint['file']}: {len(kept)} tensors loaded"
     if reinitialised:
         message += f"; class layers re-initialised for {n_classes} classes: {reinitialised}"
     if missing:

@@ -28,6 +28,7 @@ from torch import nn  # noqa: E402
 from lib.checkpoint import CheckpointError, load_model  # noqa: E402
 from lib.deploy import to_inference_form  # noqa: E402
 from lib.models import MODEL_NAMES  # noqa: E402
+from lib.published import NAMES_HELP, published_entry  # noqa: E402
 from lib.runs import default_checkpoint  # noqa: E402
 
 
@@ -72,11 +73,12 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=None,
-                        help="checkpoint (default: res/model_final.pth if it exists, else the "
-                             "newest trained run's model_final.pth)")
+                        help=f"checkpoint, {NAMES_HELP} (default: res/model_final.pth if it "
+                             "exists, else the newest trained run's model_final.pth)")
     parser.add_argument("--model", choices=MODEL_NAMES, default=None)
     parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    parser.add_argument("--output", default=None, help="default: next to the checkpoint")
+    parser.add_argument("--output", default=None,
+                        help="default: next to the checkpoint (res/<name> for published weights)")
     parser.add_argument("--argmax", action="store_true", help="output labels instead of logits")
     parser.add_argument("--size", nargs=2, type=int, default=[512, 1024],
                         help="example input size used for tracing")
@@ -89,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from None
     suffix = ".onnx" if args.format == "onnx" else ".pt"
-    output = pathlib.Path(args.output or pathlib.Path(args.ckpt).with_suffix(suffix))
+    # next to the checkpoint; published weights by name go to res/<name>, not into the hub cache
+    source = pathlib.Path("res" if published_entry(args.ckpt) else "", args.ckpt)
+    output = pathlib.Path(args.output or source.with_suffix(suffix))
     export(model, output, args.format, args.argmax, args.size, args.opset)
     print(f"wrote {output}")
     return output
