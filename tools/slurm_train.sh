@@ -5,9 +5,9 @@
 #       submits itself with sbatch; SBATCH_OPTIONS in the --name=value form, e.g. --time=24:00:00
 #   sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 tools/slurm_train.sh SCRIPT [OPTIONS...]
 #
-# SCRIPT is a training script (bisenetv2/train.py, ...) or evaluate.py. With `--device cpu` among the
-# options no GPU is requested and GPUS_PER_NODE is the number of processes per node. sbatch's own
-# variables (SBATCH_PARTITION, SBATCH_TIMELIMIT, SBATCH_ACCOUNT, ...) apply as usual.
+# SCRIPT is a training script (bisenetv2/train.py, ...) or evaluate.py. With `--device cpu` among
+# the options no GPU is requested and GPUS_PER_NODE is the number of processes per node. sbatch's
+# own variables (SBATCH_PARTITION, SBATCH_TIMELIMIT, SBATCH_ACCOUNT, ...) apply as usual.
 # A training run's folder is fixed by the job id, ${RUNS_DIR:-res/<model>}/slurm-<job id>, and it
 # is started with `--resume auto`, so that a requeued job continues the same run.
 #
@@ -54,7 +54,8 @@ if [[ ${1:-} =~ ^[0-9]+$ ]]; then  # submission: NODES GPUS_PER_NODE [SBATCH_OPT
 fi
 
 if [[ -z ${SLURM_JOB_ID:-} || $# -lt 1 ]]; then
-    echo "usage: $0 NODES GPUS_PER_NODE SCRIPT [OPTIONS...], or sbatch [...] $0 SCRIPT [OPTIONS...]" >&2
+    echo "usage: $0 NODES GPUS_PER_NODE [SBATCH_OPTIONS...] SCRIPT [OPTIONS...]" >&2
+    echo "   or: sbatch [SBATCH_OPTIONS...] $0 SCRIPT [OPTIONS...]" >&2
     exit 2
 fi
 script=$1
@@ -64,6 +65,9 @@ if [[ ! -f $script ]]; then
     exit 2
 fi
 export PYTHONUNBUFFERED=1
+# USR1 (time limit near): SIGTERM to the tasks only, through the controller, not to srun. Set
+# first: USR1's default action would end this shell.
+trap 'echo "USR1: stopping the tasks at a checkpoint"; scancel --signal=TERM "$SLURM_JOB_ID"' USR1
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $script $*"
 
 if [[ $(basename "$script") == evaluate.py ]]; then
@@ -75,8 +79,6 @@ run_dir=${RUNS_DIR:-res/$model}/slurm-$SLURM_JOB_ID
 # the options given after these override them (argparse keeps the last)
 srun python "$script" --output-dir "$run_dir" --resume auto "$@" &
 step=$!
-# USR1 (time limit near): SIGTERM to the tasks only, through the controller, not to srun
-trap 'echo "USR1: stopping the tasks at a checkpoint"; scancel --signal=TERM "$SLURM_JOB_ID"' USR1
 while true; do
     wait "$step"
     code=$?
