@@ -93,14 +93,21 @@ def resolve_launch(environ: Mapping[str, str]) -> Launch:
                       int(environ.get("LOCAL_RANK", "0")))
     if not all(name in environ for name in _SLURM_TASK_VARS):
         return Launch("none")
-    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
-    if not nodelist:
-        raise RuntimeError("SLURM task without SLURM_JOB_NODELIST: cannot find the master host")
-    port = environ.get("MASTER_PORT") or slurm_master_port(int(environ["SLURM_JOB_ID"]))
+    master_addr = environ.get("MASTER_ADDR")
+    if not master_addr:
+        # rank 0 runs on the first node of its step (the job's, unless the step uses a part)
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise RuntimeError("SLURM task without SLURM_JOB_NODELIST: set MASTER_ADDR")
+        master_addr = expand_hostlist(nodelist)[0]
+    port = environ.get("MASTER_PORT")
+    if not port:
+        if "SLURM_JOB_ID" not in environ:
+            raise RuntimeError("SLURM task without SLURM_JOB_ID: set MASTER_PORT")
+        port = slurm_master_port(int(environ["SLURM_JOB_ID"]))
     return Launch("slurm", int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
                   int(environ["SLURM_LOCALID"]),
-                  master_addr=environ.get("MASTER_ADDR") or expand_hostlist(nodelist)[0],
-                  master_port=int(port))
+                  master_addr=master_addr, master_port=int(port))
 
 
 _HOST_PATTERN = re.compile(r"([^\[\],]*)(?:\[([^\[\]]*)\])?")

@@ -76,6 +76,17 @@ def test_explicit_master_address_and_port_and_step_nodelist_win():
     assert launch.master_addr == "gn06"
 
 
+def test_slurm_task_without_host_list_or_job_id_says_what_to_set():
+    no_nodes = {k: v for k, v in SLURM_TASK.items() if k != "SLURM_JOB_NODELIST"}
+    with pytest.raises(RuntimeError, match="SLURM_JOB_NODELIST: set MASTER_ADDR"):
+        resolve_launch(no_nodes)
+    assert resolve_launch({**no_nodes, "MASTER_ADDR": "10.0.0.9"}).master_addr == "10.0.0.9"
+    no_job = {k: v for k, v in SLURM_TASK.items() if k != "SLURM_JOB_ID"}
+    with pytest.raises(RuntimeError, match="SLURM_JOB_ID: set MASTER_PORT"):
+        resolve_launch(no_job)
+    assert resolve_launch({**no_job, "MASTER_PORT": "29555"}).master_port == 29555
+
+
 def test_torchrun_takes_precedence_over_slurm():
     # torchrun started by srun (one per node) exports RANK for each of its workers
     env = {**SLURM_TASK, "RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3"}

@@ -24,7 +24,7 @@ from lib.toy_cityscapes import generate_toy_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]
 BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "scancel", "squeue")
-MAX_ITER = 12
+MAX_ITER = 10
 JOB_TIMEOUT = 900  # seconds for one job; the CPU may be shared with other work
 
 
