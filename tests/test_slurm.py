@@ -238,6 +238,19 @@ def _train_options(toy_root: Path) -> list[str]:
             "--no-eval-at-end"]
 
 
+@pytest.mark.parametrize(("args", "named"), [
+    (["--time=5", "no_such/train.py"], "no_such/train.py"),
+    (["--partition", "gpu", "bisenetv2/train.py"], "gpu"),  # a separate value is no option
+    (["--time=5"], "(none)"),
+])
+def test_submission_refuses_a_missing_script_naming_it(args, named):
+    # checked before sbatch is called, so this runs without SLURM
+    out = subprocess.run(["bash", str(REPO / "tools/slurm_train.sh"), "1", "2", *args],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 2
+    assert f"{named}: no such script in {REPO}" in out.stderr, out.stderr
+
+
 def _table(text: str) -> list[str]:
     """The lines of every per-class IoU table in ``text``."""
     return [line for line in text.splitlines() if line.startswith("|")]

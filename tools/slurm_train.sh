@@ -40,6 +40,11 @@ if [[ ${1:-} =~ ^[0-9]+$ ]]; then  # submission: NODES GPUS_PER_NODE [SBATCH_OPT
         sbatch_options+=("$1")
         shift
     done
+    repo=$(cd "$(dirname "$0")/.." && pwd)
+    if ! (($#)) || ! (cd "$repo" && [[ -f $1 ]]); then  # the job runs in the repository
+        echo "${1:-(none)}: no such script in $repo (SBATCH_OPTIONS take the --name=value form)" >&2
+        exit 2
+    fi
     gpus=(--gpus-per-node="$per_node")
     previous=""
     for arg in "$@"; do
@@ -48,7 +53,6 @@ if [[ ${1:-} =~ ^[0-9]+$ ]]; then  # submission: NODES GPUS_PER_NODE [SBATCH_OPT
         fi
         previous=$arg
     done
-    repo=$(cd "$(dirname "$0")/.." && pwd)
     exec sbatch --nodes="$nodes" --ntasks-per-node="$per_node" "${gpus[@]}" --chdir="$repo" \
         "${sbatch_options[@]}" "$repo/tools/slurm_train.sh" "$@"
 fi
