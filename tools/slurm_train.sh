@@ -15,8 +15,9 @@
 # exits 130):
 # - time limit: SLURM sends USR1 to this shell 120 s before it (--signal=B:USR1@120); the shell
 #   sends SIGTERM to the tasks, waits for their checkpoint, and requeues the job;
-# - `scancel --signal=TERM JOBID` (without --full or --batch, which would also signal srun, and srun
-#   kills its tasks at once on SIGTERM): the tasks checkpoint, and the job requeues itself;
+# - `scancel --signal=TERM JOBID`: the tasks checkpoint, and the job requeues itself. Not with
+#   --full (srun gets the signal too, and kills its tasks at once on SIGTERM) nor --batch (this
+#   shell ends, so nothing requeues the job);
 # - `scancel JOBID` cancels the job for good;
 # - pre-emption with PreemptMode=REQUEUE signals srun too: SLURM requeues the job (--requeue) and it
 #   continues from the newest periodic checkpoint (--checkpoint-every).
