@@ -10,6 +10,7 @@ Needs root and Debian's slurm-wlm (`apt-get install slurm-wlm`); skipped, saying
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -114,11 +115,12 @@ class Cluster:
         deadline = time.monotonic() + JOB_TIMEOUT
         path = self.output(job_id)
         while time.monotonic() < deadline:
-            text = path.read_text() if path.exists() else ""
+            ended = self.job(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED")
+            text = path.read_text() if path.exists() else ""  # read after the state: complete
             match = re.compile(pattern, re.MULTILINE).search(text, start)
             if match:
                 return match, match.end()
-            if self.job(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"):
+            if ended:
                 break
             time.sleep(0.2)
         raise AssertionError(f"no {pattern!r} in job {job_id}'s output:\n" + self._log(job_id))
@@ -134,12 +136,12 @@ def _stop(pid_file: Path, timeout: float = 30) -> None:
         return
     pid = int(pid_file.read_text().split()[0])
     try:
-        os.kill(pid, 15)
+        os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             os.kill(pid, 0)
             time.sleep(0.2)
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
