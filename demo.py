@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from lib.checkpoint import CheckpointError, load_model
-from lib.cityscapes import MEAN, STD
 from lib.data import IMAGE_EXTENSIONS
+from lib.datasets.cityscapes import MEAN, STD
 from lib.deploy import InferenceModel
 from lib.distributed import select_device
 from lib.inference import normalise

@@ -19,9 +19,9 @@ import numpy as np
 
 from lib import distributed
 from lib.checkpoint import CheckpointError, load_model
-from lib.cityscapes import TRAIN_ID_TO_LABEL_ID
 from lib.config import TrainConfig
 from lib.data import build_dataset, dataset_info, prepare_dataset
+from lib.datasets.cityscapes import TRAIN_ID_TO_LABEL_ID
 from lib.deploy import to_inference_form
 from lib.evaluator import (
     MODES,
