@@ -19,9 +19,9 @@ import numpy as np
 
 from lib import distributed
 from lib.checkpoint import CheckpointError, load_model
-from lib.config import TrainConfig
+from lib.config import TrainConfig, dataset_defaults
 from lib.data import build_dataset, dataset_info, prepare_dataset
-from lib.datasets.cityscapes import TRAIN_ID_TO_LABEL_ID
+from lib.datasets import DATASETS
 from lib.deploy import to_inference_form
 from lib.evaluator import (
     MODES,
@@ -43,7 +43,6 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    data_defaults = TrainConfig()
     parser.add_argument("--ckpt", "--weight-path", default=None,
                         help=f"checkpoint or published state dict (default: {default_ckpt} if it "
                              "exists, else the newest trained run's model_final.pth)")
@@ -52,15 +51,19 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
                             help="model of a bare state dict (inferred from its keys if omitted)")
     add_protocol_arguments(parser)
     parser.add_argument("--split", default="val", help="val, test (no labels) or train")
-    parser.add_argument("--dataset", default=data_defaults.dataset,
-                        choices=["cityscapes", "list", "folders"])
-    parser.add_argument("--data-root", default=data_defaults.data_root)
+    parser.add_argument("--dataset", default=None, choices=[*DATASETS, "list", "folders"],
+                        help="the data's kind, with its class names, colours, label reader and "
+                             "protocol (default: the checkpoint's dataset, else cityscapes)")
+    parser.add_argument("--data-root", default=None,
+                        help="dataset root (default: the checkpoint's, else data)")
     parser.add_argument("--val-list", default=None, help="annotation list (with --dataset list)")
     parser.add_argument("--label-map", default=None,
                         help="JSON/CSV raw label -> train id map (custom data)")
     parser.add_argument("--save-pred", default=None, metavar="DIR",
-                        help="write one label PNG per image (Cityscapes: labelIds, benchmark "
-                             "layout <city>/<name>_leftImg8bit.png)")
+                        help="write one label PNG per image, in the dataset's own label values "
+                             "(Cityscapes: labelIds in the benchmark layout "
+                             "<city>/<name>_leftImg8bit.png; ADE20K: 1..150; custom data: class "
+                             "ids)")
     parser.add_argument("--save-colour", action="store_true",
                         help="with --save-pred, also write colourised predictions")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
@@ -137,18 +140,26 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
     model, meta = load_model(args.ckpt, dist_info.device, model_name)
     model = to_inference_form(model)  # BatchNorm folded, no auxiliary heads: same outputs, faster
     saved = meta.get("config") or {}
-    options = protocol_options(args, saved)
+    dataset_name = args.dataset or saved.get("dataset") or "cityscapes"
+    # another dataset than the checkpoint's (or a bare state dict's) brings its own protocol,
+    # names and colours
+    other_dataset = dataset_name != saved.get("dataset")
+    protocol = {**saved, **dataset_defaults(dataset_name)} if other_dataset else saved
+    options = protocol_options(args, protocol)
+    spec = DATASETS.get(dataset_name)
+    data_defaults = spec or TrainConfig()
     cfg = replace(
         TrainConfig(),
         model=meta["model"],
         n_classes=meta["n_classes"],
-        dataset=args.dataset,
-        data_root=args.data_root,
+        dataset=dataset_name,
+        data_root=args.data_root or saved.get("data_root") or TrainConfig().data_root,
         val_list=args.val_list,
         label_map=args.label_map or saved.get("label_map"),
         ignore_index=int(meta.get("ignore_index", 255)),
-        mean=tuple(meta.get("mean", TrainConfig().mean)),
-        std=tuple(meta.get("std", TrainConfig().std)),
+        # the normalisation the model was trained with; a bare state dict: its dataset's
+        mean=tuple(meta.get("mean", data_defaults.mean)),
+        std=tuple(meta.get("std", data_defaults.std)),
         num_workers=args.num_workers,
     )
     if dist_info.is_main:
@@ -159,12 +170,12 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
     if dist_info.is_main:
         logger.info("%s (%d classes) from %s on %d %s images; %s", meta["model"],
                     meta["n_classes"], args.ckpt, len(dataset), args.split, options.describe())
-    is_cityscapes = cfg.dataset == "cityscapes" and cfg.n_classes == 19
     writer = None
     if args.save_pred:
-        palette = np.asarray(meta.get("palette", info.palette), np.uint8)
+        palette = info.palette if other_dataset else meta.get("palette", info.palette)
+        palette = np.asarray(palette, np.uint8)
         writer = PredictionWriter(args.save_pred,
-                                  label_to_id=TRAIN_ID_TO_LABEL_ID if is_cityscapes else None,
+                                  label_to_id=spec.train_to_raw() if spec else None,
                                   palette=palette if args.save_colour else None,
                                   ignore_index=cfg.ignore_index)
     results = evaluate(model, dataset, cfg.n_classes, options, device=dist_info.device,
