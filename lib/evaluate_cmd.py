@@ -120,6 +120,21 @@ def protocol_options(args: argparse.Namespace, recipe: Mapping[str, Any] | None 
     )
 
 
+def dataset_and_protocol(args: argparse.Namespace, saved: Mapping[str, Any]
+                         ) -> tuple[str, EvalOptions, bool]:
+    """(dataset, protocol, whether the dataset is not the checkpoint's) from the command line and
+    a checkpoint's saved config (empty for a bare state dict).
+
+    The dataset is ``--dataset``, else the checkpoint's, else Cityscapes. Another dataset than
+    the checkpoint's brings its own protocol (and names and colours); the options given on the
+    command line win either way.
+    """
+    dataset_name = args.dataset or saved.get("dataset") or "cityscapes"
+    other_dataset = dataset_name != saved.get("dataset")
+    protocol = {**saved, **dataset_defaults(dataset_name)} if other_dataset else saved
+    return dataset_name, protocol_options(args, protocol), other_dataset
+
+
 def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final.pth",
          model_name: str | None = None) -> dict[str, Any]:
     args = build_parser(default_ckpt, model_name).parse_args(argv)
@@ -140,12 +155,7 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
     model, meta = load_model(args.ckpt, dist_info.device, model_name)
     model = to_inference_form(model)  # BatchNorm folded, no auxiliary heads: same outputs, faster
     saved = meta.get("config") or {}
-    dataset_name = args.dataset or saved.get("dataset") or "cityscapes"
-    # another dataset than the checkpoint's (or a bare state dict's) brings its own protocol,
-    # names and colours
-    other_dataset = dataset_name != saved.get("dataset")
-    protocol = {**saved, **dataset_defaults(dataset_name)} if other_dataset else saved
-    options = protocol_options(args, protocol)
+    dataset_name, options, other_dataset = dataset_and_protocol(args, saved)
     spec = DATASETS.get(dataset_name)
     data_defaults = spec or TrainConfig()
     cfg = replace(
