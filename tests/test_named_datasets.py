@@ -114,6 +114,16 @@ def test_train_evaluate_save_and_demo_from_the_command_line(tmp_path, name, scri
     raw_labels = [cv2.imread(str(label), cv2.IMREAD_UNCHANGED) for _, label in val_set.pairs]
     for i, raw in enumerate(raw_labels):
         assert np.array_equal(val_set[i][1].numpy(), raw_to_train(name, raw))
+    # training batches: whole images at scale 1, so the label is the mapped file, maybe mirrored
+    cfg = parse_config(TrainConfig(), ["--dataset", name, "--data-root", str(root),
+                                       "--crop-size", str(HEIGHT), str(WIDTH), "--scale-range",
+                                       "1", "1"])
+    train_set = build_dataset(cfg, "train", train=True)
+    for i, (_, label_path) in enumerate(train_set.pairs):
+        expected = raw_to_train(name, cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED))
+        for seed in range(3):
+            label = train_set[(i, seed)][1].numpy()
+            assert np.array_equal(label, expected) or np.array_equal(label, expected[:, ::-1])
 
     run_dir = tmp_path / "run"
     train_args = [script, "--recipe", preset, "--data-root", str(root), "--output-dir",
