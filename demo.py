@@ -7,8 +7,10 @@
 
 Images are written as ``<output>/<name>.png`` with the input and its segmentation side by side
 (``--layout side``, default) or blended (``--layout overlay``); a video is written back as an mp4.
-The model, class count, class colours and normalisation come from the checkpoint; a bare published
-state dict works too (``--model`` if its keys are ambiguous).
+The model, class count, class names and colours and normalisation come from the checkpoint (its
+dataset's: Cityscapes, COCO-Stuff, ADE20K, CamVid or custom data); a bare published state dict
+works too (``--model`` if its keys are ambiguous, ``--dataset`` for its names and colours). Each
+image's largest classes are printed by name.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from lib.checkpoint import CheckpointError, load_model
-from lib.cityscapes import MEAN, STD
 from lib.data import IMAGE_EXTENSIONS
+from lib.datasets import DATASETS
+from lib.datasets.cityscapes import MEAN, STD
 from lib.deploy import InferenceModel
 from lib.distributed import select_device
 from lib.inference import normalise
@@ -48,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout", choices=["side", "overlay", "mask"], default="side",
                         help="input and segmentation side by side, blended, or the mask alone")
     parser.add_argument("--model", choices=MODEL_NAMES, default=None)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                        help="class names, colours and mean/std of this dataset (default: the "
+                             "checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--fp16", action="store_true",
                         help="reduced precision: fp16 on CUDA, bf16 on the CPU")
@@ -58,18 +64,34 @@ class Segmenter:
     """Checkpoint -> callable mapping an RGB uint8 image to its class map and colour picture."""
 
     def __init__(self, ckpt: str, device: torch.device, model_name: str | None = None,
-                 reduced_precision: bool = False) -> None:
+                 reduced_precision: bool = False, dataset: str | None = None) -> None:
         model, meta = load_model(ckpt, device, model_name)
         precision = ("fp16" if device.type == "cuda" else "bf16") if reduced_precision else "fp32"
         # TorchScript freezing pays off when one size repeats (videos); images vary in size
         self.model = InferenceModel(model, precision=precision, jit=False)
-        self.mean = meta.get("mean", MEAN)
-        self.std = meta.get("std", STD)
-        # the dataset's colours when the checkpoint records them, else Cityscapes' for 19 classes
-        # and generated ones otherwise
-        palette = meta.get("palette")
-        self.palette = (np.asarray(palette, np.uint8) if palette is not None
-                        else make_palette(meta["n_classes"]))
+        n_classes = meta["n_classes"]
+        # names and colours: the dataset asked for, else those the checkpoint records, else its
+        # dataset's; a bare state dict gets Cityscapes' for 19 classes, generated ones otherwise
+        spec = DATASETS.get(dataset or (meta.get("config") or {}).get("dataset"))
+        if spec is not None and spec.n_classes != n_classes:
+            raise CheckpointError(f"{ckpt} has {n_classes} classes, {spec.name} "
+                                  f"{spec.n_classes}")
+        if dataset is not None:
+            meta = {key: value for key, value in meta.items()
+                    if key not in ("class_names", "palette", "mean", "std")}
+        self.mean = meta.get("mean", spec.mean if spec else MEAN)
+        self.std = meta.get("std", spec.std if spec else STD)
+        palette = meta.get("palette", spec.palette if spec else make_palette(n_classes))
+        self.palette = np.asarray(palette, np.uint8)
+        self.class_names = tuple(meta.get("class_names") or (
+            spec.class_names if spec else [f"class {i}" for i in range(n_classes)]))
+
+    def describe(self, labels: np.ndarray, top: int = 5) -> str:
+        """The ``top`` largest classes of a class map by name, with their share of the pixels."""
+        counts = np.bincount(labels.ravel(), minlength=len(self.class_names))
+        order = np.argsort(-counts, kind="stable")[:top]
+        return ", ".join(f"{self.class_names[i]} {100 * counts[i] / labels.size:.1f}%"
+                         for i in order if counts[i])
 
     def __call__(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = self.model(normalise(image_rgb, self.mean, self.std))
@@ -105,7 +127,8 @@ def run_images(segment: Segmenter, source: Path, output: Path, layout: str) -> l
         if bgr is None:
             raise SystemExit(f"error: cannot read image {path} (corrupt or not an image)")
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        _, colour = segment(image)
+        labels, colour = segment(image)
+        print(f"{path.name}: {segment.describe(labels)}")
         target = output / f"{path.stem}.png"
         cv2.imwrite(str(target), cv2.cvtColor(compose(image, colour, layout), cv2.COLOR_RGB2BGR))
         written.append(target)
@@ -148,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if args.ckpt is None:
         args.ckpt = str(default_checkpoint("res/model_final.pth", "res"))
     try:
-        segment = Segmenter(args.ckpt, device, args.model, args.fp16)
+        segment = Segmenter(args.ckpt, device, args.model, args.fp16, args.dataset)
     except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from None
     output = Path(args.output)

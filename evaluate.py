@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=2 evaluate.py --ckpt model_final_v2_city.pth --mode msf
 
 The model and class count are read from the checkpoint (or inferred from a bare state dict's keys;
-``--model`` overrides).
+``--model`` overrides), and so are the dataset and its protocol (``--dataset`` overrides).
 """
 
 from lib.evaluate_cmd import main

@@ -10,7 +10,7 @@ checkpoint, or None for a random initialisation. ``n_classes`` other than the we
 re-initialises the class layers (as ``--finetune-from`` does). The model comes back in eval mode,
 with its auxiliary heads (the published layout); it returns logits at the input resolution for an
 RGB image scaled to [0, 1] and normalised with the dataset's mean and std
-(``lib.cityscapes.MEAN``/``STD``, ``lib.datasets.DATASETS[name].mean``/``std``).
+(``lib.datasets.cityscapes.MEAN``/``STD``, ``lib.datasets.DATASETS[name].mean``/``std``).
 """
 
 from __future__ import annotations

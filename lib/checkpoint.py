@@ -12,7 +12,7 @@ one too, so that a finished run can be extended with a larger ``--max-iter``).
 A bare state dict, such as the published ``model_final_v2_city.pth``, is accepted wherever a
 checkpoint is: the model name and class count are then inferred from its keys, and the dataset
 from the class count where only one dataset has that many classes (see
-:func:`dataset_for_class_count`). The published files can also be given by name
+:func:`lib.datasets.dataset_for_class_count`). The published files can also be given by name
 (``bisenetv2-city``, see :mod:`lib.published`).
 """
 
@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lib.cityscapes import CLASS_NAMES as CITYSCAPES_CLASS_NAMES
-from lib.datasets import DATASETS
+from lib.datasets import DATASETS, dataset_for_class_count
 from lib.models import (
     MODEL_NAMES,
     build_model,
@@ -128,21 +127,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def dataset_for_class_count(n_classes: int) -> str | None:
-    """The dataset with ``n_classes`` classes when exactly one known dataset has that many
-    (19: cityscapes, 171: coco-stuff, 150: ade20k, 11: camvid), else None."""
-    counts = {name: spec.n_classes for name, spec in DATASETS.items()}
-    counts.setdefault("cityscapes", len(CITYSCAPES_CLASS_NAMES))
-    matches = [name for name, count in counts.items() if count == n_classes]
-    return matches[0] if len(matches) == 1 else None
-
-
 def _fill_dataset_metadata(checkpoint: dict[str, Any], n_classes: int) -> None:
     """Give a checkpoint without metadata (a bare state dict) its dataset's names, colours and
     normalisation, when the dataset is known or follows from the class count."""
     saved = checkpoint.get("config") or {}
+    implied = dataset_for_class_count(n_classes)
     dataset = (checkpoint.get("dataset") or saved.get("dataset")
-               or dataset_for_class_count(n_classes))
+               or (implied.name if implied else None))
     checkpoint["dataset"] = dataset
     spec = DATASETS.get(dataset)
     if spec is None or spec.n_classes != n_classes or "class_names" in checkpoint:

@@ -17,7 +17,8 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lib.cityscapes import MEAN, STD
+from lib.datasets import DATASETS
+from lib.datasets.cityscapes import MEAN, STD
 from lib.evaluator import DEFAULT_SCALES, EvalOptions
 
 
@@ -36,8 +37,10 @@ class TrainConfig:
     # data
     dataset: str = _opt(
         "cityscapes",
-        "'cityscapes' (official tree under --data-root), 'list' (--train-list/--val-list "
-        "annotation files) or 'folders' (<root>/images/<split>, <root>/labels/<split>)",
+        "'cityscapes', 'coco-stuff', 'ade20k' or 'camvid' (the official tree under --data-root; "
+        "sets the class count, names, colours, label mapping and mean/std unless given), 'list' "
+        "(--train-list/--val-list annotation files) or 'folders' (<root>/images/<split>, "
+        "<root>/labels/<split>)",
     )
     data_root: str = _opt("data", "dataset root folder")
     train_list: str | None = _opt(None, "annotation list of the training split (image,label)")
@@ -50,7 +53,7 @@ class TrainConfig:
     class_names: str | None = _opt(None, "file with one class name per line")
     mean: tuple[float, float, float] = _opt(MEAN, "RGB normalisation mean of [0, 1] images")
     std: tuple[float, float, float] = _opt(STD, "RGB normalisation std of [0, 1] images")
-    generate_toy: bool = _opt(False, "generate the toy Cityscapes dataset if --data-root is empty")
+    generate_toy: bool = _opt(False, "generate a toy dataset of --dataset if --data-root has none")
     # augmentation
     crop_size: tuple[int, int] = _opt((512, 1024), "training crop height and width")
     scale_range: tuple[float, float] = _opt((0.25, 2.0), "random scale range of the full image")
@@ -146,29 +149,84 @@ def parse_config(
 ) -> TrainConfig:
     """Parse the command line on top of ``recipe``.
 
-    ``presets`` maps a flag (e.g. ``quickstart``) to an alternative recipe; ``--quickstart`` then
-    switches every default to that recipe, and further options still override it.
+    ``presets`` maps a name (e.g. ``quickstart``, ``ade20k``) to an alternative recipe;
+    ``--quickstart`` or ``--recipe quickstart`` then switches every default to that recipe, and
+    further options still override it. A ``--dataset`` other than the recipe's brings that
+    dataset's class count, mean/std and evaluation protocol (see :func:`dataset_defaults`),
+    except the options given on the command line.
     """
     presets = presets or {}
     pre = argparse.ArgumentParser(add_help=False)
     for name in presets:
         pre.add_argument(f"--{name}", action="store_true")
+    if presets:
+        pre.add_argument("--recipe", choices=sorted(presets), default=None)
     known, rest = pre.parse_known_args(argv)
     chosen = [name for name in presets if getattr(known, name)]
+    if presets and known.recipe is not None and known.recipe not in chosen:
+        chosen.append(known.recipe)
     if len(chosen) > 1:
         raise SystemExit(f"choose one of --{', --'.join(chosen)}")
     base = presets[chosen[0]] if chosen else recipe
-    parser = build_parser(base, description)
-    for name in presets:
-        parser.add_argument(f"--{name}", action="store_true", help=f"use the {name} recipe")
-    args = parser.parse_args(rest)
+
+    def full_parser() -> argparse.ArgumentParser:
+        parser = build_parser(base, description)
+        for name in presets:
+            parser.add_argument(f"--{name}", action="store_true", help=f"use the {name} recipe")
+        if presets:
+            parser.add_argument("--recipe", choices=sorted(presets), default=None,
+                                help="use this recipe (same as --NAME)")
+        return parser
+
+    args = full_parser().parse_args(rest)
+    # which dataset-dependent options were given: parsed once more with a marker as default
+    marker = object()
+    probe = full_parser()
+    probe.set_defaults(**{name: marker for name in DATASET_DEFAULTS})
+    probed = probe.parse_args(rest)
+    given = {name for name in DATASET_DEFAULTS if getattr(probed, name) is not marker}
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    defaults = (dataset_defaults(values["dataset"]) if values["dataset"] != base.dataset
+                else {})
+    for name in DATASET_DEFAULTS:
+        if name not in given:
+            values[name] = defaults.get(name, getattr(base, name))
     for key, value in values.items():
         if isinstance(value, list):
             values[key] = tuple(value)
     cfg = TrainConfig(**values)
     validate_config(cfg)
     return cfg
+
+
+def for_dataset(recipe: TrainConfig, dataset: str, **changes) -> TrainConfig:
+    """``recipe`` on the named ``dataset``: its class count, mean/std and evaluation protocol,
+    then ``changes``."""
+    return dataclasses.replace(recipe, **{**dataset_defaults(dataset), "dataset": dataset,
+                                          **changes})
+
+
+# options whose defaults follow --dataset when it names another dataset than the recipe's
+DATASET_DEFAULTS = ("n_classes", "mean", "std", "eval_short_side", "eval_crop_size")
+
+
+# BiSeNetV1's published ADE20K and COCO-Stuff weights were trained and scored at 512, not 640
+_V1_PROTOCOL = {"ade20k": {"eval_short_side": 512, "eval_crop_size": (512, 512)},
+                "coco-stuff": {"eval_crop_size": (512, 512)}}
+
+
+def dataset_defaults(dataset: str, model: str | None = None) -> dict:
+    """The values of ``DATASET_DEFAULTS`` that the named ``dataset`` implies ({} for list and
+    folders: custom data keeps the recipe's); ``model`` picks BiSeNetV1's protocol where the
+    published V1 weights used another one."""
+    spec = DATASETS.get(dataset)
+    if spec is None:
+        return {}
+    values = {"n_classes": spec.n_classes, "mean": spec.mean, "std": spec.std,
+              "eval_short_side": spec.eval_short_side, "eval_crop_size": spec.eval_crop_size}
+    if model in ("bisenetv1", "diss"):
+        values.update(_V1_PROTOCOL.get(dataset, {}))
+    return values
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -180,8 +238,13 @@ def validate_config(cfg: TrainConfig) -> None:
 
     if cfg.model not in MODEL_NAMES:
         fail(f"--model {cfg.model!r} is not one of {', '.join(MODEL_NAMES)}")
-    if cfg.dataset not in ("cityscapes", "list", "folders"):
-        fail(f"--dataset {cfg.dataset!r} must be cityscapes, list or folders")
+    if cfg.dataset not in (*DATASETS, "list", "folders"):
+        fail(f"--dataset {cfg.dataset!r} must be one of {', '.join(DATASETS)}, list or folders")
+    spec = DATASETS.get(cfg.dataset)
+    if spec is not None and cfg.n_classes != spec.n_classes:
+        fail(f"--dataset {cfg.dataset} has {spec.n_classes} classes, but --n-classes is "
+             f"{cfg.n_classes} (to train on part of its classes, use --dataset folders or list "
+             "with --label-map)")
     if cfg.n_classes < 1:
         fail(f"--n-classes must be positive, got {cfg.n_classes}")
     if 0 <= cfg.ignore_index < cfg.n_classes:

@@ -1,4 +1,4 @@
-"""Segmentation datasets: Cityscapes, annotation lists and image/label folders.
+"""Segmentation datasets: the named ones (``lib.datasets``), annotation lists and folders.
 
 Every dataset is a list of (image, label) file pairs read by :class:`SegmentationDataset`, which
 maps raw label values to train ids with a lookup table and checks what it reads: an unreadable
@@ -21,13 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lib.cityscapes import (
-    CLASS_NAMES,
-    LABEL_ID_TO_TRAIN_ID,
-    LABEL_IDS,
-    PALETTE,
-    find_cityscapes_pairs,
-)
+from lib.datasets import DATASETS
 from lib.transforms import EvalTransform, TrainTransform
 from lib.visualize import make_palette
 
@@ -49,7 +43,7 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, pairs: Sequence[Pair], transform, label_lut: np.ndarray | None = None,
                  n_classes: int = 19, ignore_index: int = 255,
-                 valid_raw: np.ndarray | None = None) -> None:
+                 valid_raw: np.ndarray | None = None, dataset_name: str = "cityscapes") -> None:
         if not pairs:
             raise ValueError("the dataset is empty: no image/label pairs were found")
         if label_lut is not None:
@@ -64,6 +58,7 @@ class SegmentationDataset(Dataset):
         self.label_lut = label_lut
         self.n_classes = n_classes
         self.ignore_index = ignore_index
+        self.dataset_name = dataset_name  # named in the errors about raw label values
         # raw value -> 1 where it ends up neither a class nor ignore: one cheap lookup per label
         bad = np.ones(256, np.uint8)
         bad[:n_classes] = 0
@@ -111,7 +106,8 @@ class SegmentationDataset(Dataset):
 
     def _raise_bad_values(self, path: Path, raw: np.ndarray) -> None:
         present = np.bincount(raw.ravel(), minlength=256) > 0
-        unknown = label_id_problem(present, self.valid_raw, self.n_classes, self.ignore_index)
+        unknown = label_id_problem(present, self.valid_raw, self.n_classes, self.ignore_index,
+                                   self.dataset_name)
         if unknown:
             raise ValueError(f"label {path} {unknown}")
         values = np.flatnonzero(present * self._bad_raw)
@@ -129,12 +125,12 @@ class SegmentationDataset(Dataset):
 
 
 def label_id_problem(present: np.ndarray, valid_raw: np.ndarray | None, n_classes: int,
-                     ignore_index: int) -> str | None:
+                     ignore_index: int, dataset_name: str = "cityscapes") -> str | None:
     """Why a label file whose values are ``present`` (a (256,) bool table) is not a raw label file.
 
     A file holding a value that no raw label may hold is refused; when every value it holds is
     already a train id (``0..n_classes-1`` or the ignore index), it is a train-id PNG given where
-    raw ids (Cityscapes labelIds) were expected, which is said with the fix.
+    raw ids (Cityscapes labelIds, ADE20K's 0..150) were expected, which is said with the fix.
     """
     if valid_raw is None:
         return None
@@ -145,8 +141,19 @@ def label_id_problem(present: np.ndarray, valid_raw: np.ndarray | None, n_classe
     train_ids[:n_classes] = True
     if 0 <= ignore_index < 256:
         train_ids[ignore_index] = True
+    values = np.flatnonzero(present).tolist()[:20]
+    if dataset_name != "cityscapes":
+        spec = DATASETS[dataset_name]
+        if not (present & ~train_ids).any():
+            return (f"looks like a train-id PNG (values {values} are all train ids "
+                    f"0..{n_classes - 1} or {ignore_index}, and {invalid.tolist()[:5]} is no "
+                    f"{dataset_name} label value): --dataset {dataset_name} reads the dataset's "
+                    "own label files, so use those, or train on train-id PNGs with --dataset "
+                    "folders or list (no --label-map)")
+        return (f"holds value(s) {invalid.tolist()[:10]} outside {dataset_name}'s label values "
+                f"({spec.describe_raw_values()}); check how the file was made")
     if not (present & ~train_ids).any():
-        return (f"looks like a *_labelTrainIds.png (values {np.flatnonzero(present).tolist()[:20]}"
+        return (f"looks like a *_labelTrainIds.png (values {values}"
                 f" are all train ids 0..{n_classes - 1} or {ignore_index}, and "
                 f"{invalid.tolist()[:5]} is no label id): --dataset cityscapes reads "
                 "*_gtFine_labelIds.png, so use the gtFine labelIds files, or train on train-id "
@@ -299,11 +306,12 @@ class DatasetInfo:
 
 def dataset_info(cfg, class_names: Sequence[str] | None = None) -> DatasetInfo:
     """Class names, colours and label mapping of ``cfg``'s dataset."""
-    if cfg.dataset == "cityscapes":
-        if cfg.n_classes != len(CLASS_NAMES):
-            raise ValueError(f"--dataset cityscapes has {len(CLASS_NAMES)} classes but "
+    if cfg.dataset in DATASETS:
+        spec = DATASETS[cfg.dataset]
+        if cfg.n_classes != spec.n_classes:
+            raise ValueError(f"--dataset {cfg.dataset} has {spec.n_classes} classes but "
                              f"--n-classes is {cfg.n_classes}")
-        return DatasetInfo(CLASS_NAMES, PALETTE, LABEL_ID_TO_TRAIN_ID, LABEL_IDS)
+        return DatasetInfo(spec.class_names, spec.palette, spec.label_lut, spec.valid_raw)
     palette = None
     if cfg.class_names:
         class_names, palette = read_class_names(cfg.class_names)
@@ -345,10 +353,11 @@ def read_class_names(path: str | Path) -> tuple[list[str], np.ndarray | None]:
 
 
 def dataset_pairs(cfg, split: str) -> list[Pair]:
-    """The file pairs of ``split`` for ``cfg.dataset`` (cityscapes, list or folders)."""
+    """The file pairs of ``split`` for ``cfg.dataset`` (a name of ``DATASETS``, list or
+    folders)."""
     root = Path(cfg.data_root)
-    if cfg.dataset == "cityscapes":
-        return find_cityscapes_pairs(root, split)
+    if cfg.dataset in DATASETS:
+        return DATASETS[cfg.dataset].find_pairs(root, split)
     if cfg.dataset == "list":
         listed = {"train": cfg.train_list, "val": cfg.val_list}.get(split)
         if not listed:
@@ -366,7 +375,7 @@ def build_dataset(cfg, split: str, train: bool, check_labels: bool = False
         from lib.dataset_check import check_pairs
 
         report = check_pairs(pairs, cfg.n_classes, cfg.ignore_index, info.label_lut, split=split,
-                             valid_raw=info.valid_raw)
+                             valid_raw=info.valid_raw, dataset_name=cfg.dataset)
         if report.problems:
             shown = "\n  ".join(str(p) for p in report.problems[:20])
             raise ValueError(f"{len(report.problems)} problem(s) in the {split} split "
@@ -377,17 +386,28 @@ def build_dataset(cfg, split: str, train: bool, check_labels: bool = False
     else:
         transform = EvalTransform(cfg.mean, cfg.std)
     return SegmentationDataset(pairs, transform, info.label_lut, cfg.n_classes, cfg.ignore_index,
-                               valid_raw=info.valid_raw)
+                               valid_raw=info.valid_raw, dataset_name=cfg.dataset)
 
 
 def prepare_dataset(cfg) -> None:
-    """Generate the toy dataset when asked to and ``cfg.data_root`` holds none yet."""
+    """Generate the toy dataset of ``cfg.dataset`` when asked to and ``cfg.data_root`` holds no
+    training images of it yet."""
+    from lib.datasets.toy import generate_toy
     from lib.toy_cityscapes import generate_toy_cityscapes
 
+    if not cfg.generate_toy:
+        return
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"--generate-toy needs a named dataset ({', '.join(DATASETS)}), not "
+                         f"--dataset {cfg.dataset}")
     root = Path(cfg.data_root)
-    if cfg.generate_toy and not (root / "leftImg8bit").is_dir():
-        logging.getLogger("bisenet").info("generating the toy Cityscapes dataset in %s", root)
+    if DATASETS[cfg.dataset].folders(root, "train")[0].is_dir():
+        return
+    logging.getLogger("bisenet").info("generating the toy %s dataset in %s", cfg.dataset, root)
+    if cfg.dataset == "cityscapes":
         generate_toy_cityscapes(root)
+    else:
+        generate_toy(cfg.dataset, root)
 
 
 def worker_init(worker_id: int) -> None:

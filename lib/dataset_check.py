@@ -86,7 +86,8 @@ def _jpeg_size(f) -> tuple[int, int] | None:
 
 
 def _check_one(pair: Pair, n_classes: int, ignore_index: int, label_lut: np.ndarray | None,
-               decode_images: bool, valid_raw: np.ndarray | None = None):
+               decode_images: bool, valid_raw: np.ndarray | None = None,
+               dataset_name: str = "cityscapes"):
     image_path, label_path = pair
     problems: list[Problem] = []
     raw_counts = np.zeros(256, np.int64)
@@ -126,7 +127,7 @@ def _check_one(pair: Pair, n_classes: int, ignore_index: int, label_lut: np.ndar
         problems.append(Problem("size mismatch", str(label_path),
                                 f"label is {label.shape[1]}x{label.shape[0]}, image "
                                 f"{image_path.name} is {size[1]}x{size[0]}"))
-    unknown = label_id_problem(raw_counts > 0, valid_raw, n_classes, ignore_index)
+    unknown = label_id_problem(raw_counts > 0, valid_raw, n_classes, ignore_index, dataset_name)
     if unknown:
         kind = "train-id label" if unknown.startswith("looks like") else "unknown label id"
         problems.append(Problem(kind, str(label_path), unknown))
@@ -155,10 +156,12 @@ def check_pairs(
     pairs: Sequence[Pair], n_classes: int, ignore_index: int = 255,
     label_lut: np.ndarray | None = None, decode_images: bool = False, progress: bool = False,
     split: str = "", workers: int = 4, valid_raw: np.ndarray | None = None,
+    dataset_name: str = "cityscapes",
 ) -> DatasetReport:
     """Check every pair; returns counts, pixel frequencies and the problems found.
 
-    ``valid_raw`` marks the values a label file may hold (Cityscapes: label ids 0..33).
+    ``valid_raw`` marks the values a label file may hold (Cityscapes: label ids 0..33) and
+    ``dataset_name`` names that dataset in the problems found.
     """
     report = DatasetReport(n_images=len(pairs))
     if not pairs:
@@ -172,7 +175,8 @@ def check_pairs(
                     Problem(f"duplicate {name}", str(path), f"listed {count} times"))
     with ThreadPoolExecutor(workers) as pool:  # cv2 decodes without holding the GIL
         results = pool.map(lambda p: _check_one(p, n_classes, ignore_index, label_lut,
-                                                decode_images, valid_raw), pairs)
+                                                decode_images, valid_raw, dataset_name),
+                           pairs)
         for size, raw_counts, problems in tqdm(results, total=len(pairs), disable=not progress,
                                                desc=f"checking {split}".strip()):
             if size is not None:

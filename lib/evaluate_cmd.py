@@ -20,9 +20,9 @@ import numpy as np
 
 from lib import distributed
 from lib.checkpoint import CheckpointError, load_model
-from lib.cityscapes import TRAIN_ID_TO_LABEL_ID
-from lib.config import TrainConfig
+from lib.config import TrainConfig, dataset_defaults
 from lib.data import build_dataset, dataset_info, prepare_dataset
+from lib.datasets import DATASETS
 from lib.deploy import to_inference_form
 from lib.evaluator import (
     MODES,
@@ -39,15 +39,12 @@ from lib.runs import default_checkpoint
 
 logger = logging.getLogger("bisenet")
 DEFAULT = EvalOptions()
-# the --dataset values whose files this command reads
-EVAL_DATASETS = ("cityscapes", "list", "folders")
 
 
 def build_parser(default_ckpt: str, model_name: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    data_defaults = TrainConfig()
     parser.add_argument("--ckpt", "--weight-path", default=None,
                         help=f"checkpoint, published state dict, {NAMES_HELP} (default: "
                              f"{default_ckpt} if it exists, else the newest trained run's "
@@ -57,17 +54,19 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
                             help="model of a bare state dict (inferred from its keys if omitted)")
     add_protocol_arguments(parser)
     parser.add_argument("--split", default="val", help="val, test (no labels) or train")
-    parser.add_argument("--dataset", default=None, choices=EVAL_DATASETS,
-                        help="default: the checkpoint's dataset; for a bare state dict the one "
-                             "its class count implies (19: cityscapes, 171: coco-stuff, "
-                             "150: ade20k, 11: camvid)")
-    parser.add_argument("--data-root", default=data_defaults.data_root)
+    parser.add_argument("--dataset", default=None, choices=[*DATASETS, "list", "folders"],
+                        help="the data's kind, with its class names, colours, label reader and "
+                             "protocol (default: the checkpoint's dataset, else cityscapes)")
+    parser.add_argument("--data-root", default=None,
+                        help="dataset root (default: the checkpoint's, else data)")
     parser.add_argument("--val-list", default=None, help="annotation list (with --dataset list)")
     parser.add_argument("--label-map", default=None,
                         help="JSON/CSV raw label -> train id map (custom data)")
     parser.add_argument("--save-pred", default=None, metavar="DIR",
-                        help="write one label PNG per image (Cityscapes: labelIds, benchmark "
-                             "layout <city>/<name>_leftImg8bit.png)")
+                        help="write one label PNG per image, in the dataset's own label values "
+                             "(Cityscapes: labelIds in the benchmark layout "
+                             "<city>/<name>_leftImg8bit.png; ADE20K: 1..150; custom data: class "
+                             "ids)")
     parser.add_argument("--save-colour", action="store_true",
                         help="with --save-pred, also write colourised predictions")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
@@ -124,6 +123,24 @@ def protocol_options(args: argparse.Namespace, recipe: Mapping[str, Any] | None 
     )
 
 
+def dataset_and_protocol(args: argparse.Namespace, saved: Mapping[str, Any],
+                         implied: str | None = None, model: str | None = None
+                         ) -> tuple[str, EvalOptions, bool]:
+    """(dataset, protocol, whether the dataset is not the checkpoint's) from the command line and
+    a checkpoint's saved config (empty for a bare state dict).
+
+    The dataset is ``--dataset``, else the checkpoint's, else ``implied`` (what a bare state
+    dict's class count says), else Cityscapes. Another dataset than the checkpoint's brings its
+    own protocol (for ``model``: BiSeNetV1's published weights used smaller crops on ADE20K and
+    COCO-Stuff) and names and colours; the options given on the command line win either way.
+    """
+    dataset_name = args.dataset or saved.get("dataset") or implied or "cityscapes"
+    other_dataset = dataset_name != saved.get("dataset")
+    protocol = ({**saved, **dataset_defaults(dataset_name, model)} if other_dataset
+                else saved)
+    return dataset_name, protocol_options(args, protocol), other_dataset
+
+
 def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final.pth",
          model_name: str | None = None) -> dict[str, Any]:
     args = build_parser(default_ckpt, model_name).parse_args(argv)
@@ -140,38 +157,29 @@ def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final
         distributed.cleanup_distributed()
 
 
-def dataset_to_evaluate(given: str | None, meta: Mapping[str, Any], ckpt: str) -> str:
-    """``--dataset`` when given, else the checkpoint's (or its class count's) dataset."""
-    if given:
-        return given
-    dataset, n_classes = meta.get("dataset"), meta["n_classes"]
-    if dataset is None:
-        raise ValueError(
-            f"{ckpt} has {n_classes} classes, which does not tell its dataset: pass --dataset "
-            f"({', '.join(EVAL_DATASETS)})")
-    if dataset not in EVAL_DATASETS:
-        raise ValueError(
-            f"{ckpt} is a {dataset} model ({n_classes} classes), whose layout this command "
-            f"cannot read: pass --dataset ({', '.join(EVAL_DATASETS)})")
-    return dataset
-
-
 def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[str, Any]:
     model, meta = load_model(args.ckpt, dist_info.device, model_name)
     model = to_inference_form(model)  # BatchNorm folded, no auxiliary heads: same outputs, faster
     saved = meta.get("config") or {}
-    options = protocol_options(args, saved)
+    if not (args.dataset or saved.get("dataset") or meta.get("dataset")):
+        raise ValueError(f"{meta['file']} has {meta['n_classes']} classes, which does not tell "
+                         f"its dataset: pass --dataset ({', '.join(DATASETS)}, list or folders)")
+    dataset_name, options, other_dataset = dataset_and_protocol(
+        args, saved, implied=meta.get("dataset"), model=meta["model"])
+    spec = DATASETS.get(dataset_name)
+    data_defaults = spec or TrainConfig()
     cfg = replace(
         TrainConfig(),
         model=meta["model"],
         n_classes=meta["n_classes"],
-        dataset=dataset_to_evaluate(args.dataset, meta, args.ckpt),
-        data_root=args.data_root,
+        dataset=dataset_name,
+        data_root=args.data_root or saved.get("data_root") or TrainConfig().data_root,
         val_list=args.val_list,
         label_map=args.label_map or saved.get("label_map"),
         ignore_index=int(meta.get("ignore_index", 255)),
-        mean=tuple(meta.get("mean", TrainConfig().mean)),
-        std=tuple(meta.get("std", TrainConfig().std)),
+        # the normalisation the model was trained with; a bare state dict: its dataset's
+        mean=tuple(meta.get("mean", data_defaults.mean)),
+        std=tuple(meta.get("std", data_defaults.std)),
         num_workers=args.num_workers,
     )
     if dist_info.is_main:
@@ -182,12 +190,12 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
     if dist_info.is_main:
         logger.info("%s (%d classes) from %s on %d %s images; %s", meta["model"],
                     meta["n_classes"], meta["file"], len(dataset), args.split, options.describe())
-    is_cityscapes = cfg.dataset == "cityscapes" and cfg.n_classes == 19
     writer = None
     if args.save_pred:
-        palette = np.asarray(meta.get("palette", info.palette), np.uint8)
+        palette = info.palette if other_dataset else meta.get("palette", info.palette)
+        palette = np.asarray(palette, np.uint8)
         writer = PredictionWriter(args.save_pred,
-                                  label_to_id=TRAIN_ID_TO_LABEL_ID if is_cityscapes else None,
+                                  label_to_id=spec.train_to_raw() if spec else None,
                                   palette=palette if args.save_colour else None,
                                   ignore_index=cfg.ignore_index)
     results = evaluate(model, dataset, cfg.n_classes, options, device=dist_info.device,

@@ -270,7 +270,7 @@ def colour_baseline_miou(root: str | Path) -> tuple[float, np.ndarray]:
     Class mean colours are measured on the train split, predictions scored on val. Returns the
     mIoU over the classes present in val and the (19,) per-class IoU (NaN for absent classes).
     """
-    from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
+    from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
 
     n = 19
 

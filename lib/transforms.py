@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from lib.cityscapes import MEAN, STD
+from lib.datasets.cityscapes import MEAN, STD
 
 
 def normalisation_tables(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -6,7 +6,7 @@ import colorsys
 
 import numpy as np
 
-from lib.cityscapes import PALETTE
+from lib.datasets.cityscapes import PALETTE
 
 
 def cityscapes_palette() -> np.ndarray:

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lib.cityscapes import (
+from lib.datasets.cityscapes import (
     CLASS_NAMES,
     LABEL_ID_TO_TRAIN_ID,
     PALETTE,
@@ -85,7 +85,8 @@ def test_palettes_and_colourise():
 
 def test_product_does_not_need_cityscapesscripts():
     code = ("import sys; sys.modules['cityscapesscripts'] = None\n"
-            "import lib.cityscapes, lib.data, lib.toy_cityscapes, lib.transforms, lib.visualize")
+            "import lib.datasets.cityscapes, lib.data, lib.toy_cityscapes, lib.transforms, "
+            "lib.visualize")
     root = pathlib.Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr  # an import of cityscapesscripts fails here

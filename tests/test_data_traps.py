@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib.cityscapes import LABEL_ID_TO_TRAIN_ID
 from lib.config import TrainConfig
 from lib.data import build_dataset, dataset_info, dataset_pairs, read_image
 from lib.dataset_check import check_pairs
+from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID
 from lib.toy_cityscapes import generate_toy_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lib.datasets import DATASETS, DatasetSpec, generate_palette
+from lib.datasets import DATASETS, DatasetSpec, dataset_for_class_count, generate_palette
 from lib.datasets.base import raw_value_table
 from lib.datasets.toy import generate_toy
 
@@ -16,8 +16,8 @@ COCO, ADE, CAMVID = DATASETS["coco-stuff"], DATASETS["ade20k"], DATASETS["camvid
 
 
 def test_registry_class_counts_and_names():
-    assert set(DATASETS) == {"coco-stuff", "ade20k", "camvid"}
-    for name, n in (("coco-stuff", 171), ("ade20k", 150), ("camvid", 11)):
+    assert set(DATASETS) == {"cityscapes", "coco-stuff", "ade20k", "camvid"}
+    for name, n in (("cityscapes", 19), ("coco-stuff", 171), ("ade20k", 150), ("camvid", 11)):
         spec = DATASETS[name]
         assert spec.name == name and spec.n_classes == n == len(set(spec.class_names))
         assert spec.palette.shape == (n, 3) and spec.palette.dtype == np.uint8
@@ -33,6 +33,28 @@ def test_registry_class_counts_and_names():
     assert (ADE.eval_short_side, ADE.eval_crop_size) == (640, (640, 640))
     assert (COCO.eval_short_side, COCO.eval_crop_size) == (None, (640, 640))
     assert (CAMVID.eval_short_side, CAMVID.eval_crop_size) == (None, (720, 960))
+
+
+def test_dataset_for_class_count():
+    assert dataset_for_class_count(19).name == "cityscapes"
+    assert dataset_for_class_count(171).name == "coco-stuff"
+    assert dataset_for_class_count(150).name == "ade20k"
+    assert dataset_for_class_count(11).name == "camvid"
+    assert dataset_for_class_count(3) is None
+
+
+def test_predictions_map_back_to_each_dataset_own_values():
+    # train id -> raw value, written out independently of the lookup tables
+    coco_used = [i for i in range(182) if i not in (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)]
+    expected = {
+        "cityscapes": [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33],
+        "coco-stuff": coco_used, "ade20k": list(range(1, 151)), "camvid": list(range(11)),
+    }
+    for name, raw in expected.items():
+        table = DATASETS[name].train_to_raw()
+        assert table.dtype == np.uint8 and table[: len(raw)].tolist() == raw, name
+    assert COCO.describe_raw_values() == "0..181, 255"
+    assert ADE.describe_raw_values() == "0..150"
 
 
 def test_coco_stuff_lut_against_plain_table():

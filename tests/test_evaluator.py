@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, MEAN, PALETTE, STD, TRAIN_ID_TO_LABEL_ID
+from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, MEAN, PALETTE, STD, TRAIN_ID_TO_LABEL_ID
 from lib.evaluator import (
     EvalOptions,
     PredictionWriter,

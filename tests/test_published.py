@@ -27,7 +27,7 @@ import lib.evaluate_cmd as evaluate_cmd
 from bisenetv1.model import BiSeNetV1
 from bisenetv2.model import BiSeNetV2
 from lib import pretrained
-from lib.checkpoint import CheckpointError, dataset_for_class_count, load_checkpoint, load_model
+from lib.checkpoint import CheckpointError, load_checkpoint, load_model
 from lib.datasets import DATASETS
 from lib.models import build_model
 from lib.trainer import load_finetune_weights
@@ -111,11 +111,6 @@ def write_folders_dataset(root: Path, n_classes: int, rng: np.random.Generator) 
         cv2.imwrite(str(root / "labels" / "val" / f"{name}.png"), label)
         images.append(root / "images" / "val" / f"{name}.png")
     return images
-
-
-def test_class_counts_name_a_dataset_only_when_unambiguous():
-    assert [dataset_for_class_count(n) for n in (19, 171, 150, 11, 7, 182)] == [
-        "cityscapes", "coco-stuff", "ade20k", "camvid", None, None]
 
 
 @pytest.mark.parametrize("name", list(CASES))

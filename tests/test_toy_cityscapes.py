@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
+from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
 from lib.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.cityscapes import MEAN, STD
+from lib.datasets.cityscapes import MEAN, STD
 from lib.transforms import (
     EvalTransform,
     TrainTransform,

@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs  # noqa: E402
 from lib.data import SegmentationDataset, read_image  # noqa: E402
+from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs  # noqa: E402
 from lib.toy_cityscapes import generate_toy_cityscapes  # noqa: E402
 from lib.transforms import TrainTransform  # noqa: E402
 

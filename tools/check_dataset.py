@@ -3,6 +3,7 @@ every problem found (labels out of range, size mismatches, unreadable files, dup
 splits), each naming the file. Exit status 1 when a problem is found.
 
     python tools/check_dataset.py --data-root data                          # Cityscapes
+    python tools/check_dataset.py --dataset ade20k --data-root data/ADEChallengeData2016
     python tools/check_dataset.py --dataset folders --data-root my_data --n-classes 3
     python tools/check_dataset.py --dataset list --train-list train.txt --val-list val.txt \\
         --data-root my_data --n-classes 5 --label-map map.json
@@ -18,6 +19,7 @@ import argparse  # noqa: E402
 from lib.config import TrainConfig, build_parser  # noqa: E402
 from lib.data import dataset_info, dataset_pairs  # noqa: E402
 from lib.dataset_check import check_pairs, format_report  # noqa: E402
+from lib.datasets import DATASETS  # noqa: E402
 
 DATA_OPTIONS = ("dataset", "data_root", "train_list", "val_list", "n_classes", "ignore_index",
                 "label_map", "class_names")
@@ -29,11 +31,17 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for action in full._actions:  # the data options of training, with the same names and defaults
         if action.dest in DATA_OPTIONS:
+            if action.dest == "n_classes":  # left out: the named dataset's class count
+                action.default = None
+                action.help = "number of classes (default: the dataset's, else 19)"
             parser._add_action(action)
     parser.add_argument("--splits", nargs="+", default=["train", "val"])
     parser.add_argument("--no-decode", action="store_true",
                         help="read image headers only (faster; misses corrupt image data)")
     args = parser.parse_args(argv)
+    if args.n_classes is None:
+        spec = DATASETS.get(args.dataset)
+        args.n_classes = spec.n_classes if spec else TrainConfig().n_classes
     cfg = TrainConfig(**{k: getattr(args, k) for k in DATA_OPTIONS})
     info = dataset_info(cfg)
     n_problems = 0
@@ -46,7 +54,7 @@ def main(argv=None) -> int:
             continue
         report = check_pairs(pairs, cfg.n_classes, cfg.ignore_index, info.label_lut,
                              decode_images=not args.no_decode, progress=True, split=split,
-                             valid_raw=info.valid_raw)
+                             valid_raw=info.valid_raw, dataset_name=cfg.dataset)
         print(f"[{split}] " + format_report(report, info.class_names, cfg.ignore_index))
         n_problems += len(report.problems)
     print("OK" if n_problems == 0 else f"{n_problems} problem(s) found")

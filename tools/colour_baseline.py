@@ -16,7 +16,7 @@ import tempfile  # noqa: E402
 
 from tabulate import tabulate  # noqa: E402
 
-from lib.cityscapes import CLASS_NAMES  # noqa: E402
+from lib.datasets.cityscapes import CLASS_NAMES  # noqa: E402
 from lib.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes  # noqa: E402
 
 

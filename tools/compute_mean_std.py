@@ -1,6 +1,7 @@
 """Compute the RGB mean and std of a dataset's training images, for --mean/--std.
 
     python tools/compute_mean_std.py --dataset folders --data-root my_data
+    python tools/compute_mean_std.py --dataset camvid --data-root data/camvid
 """
 
 import pathlib
@@ -13,19 +14,23 @@ import argparse  # noqa: E402
 from lib.config import TrainConfig  # noqa: E402
 from lib.data import dataset_pairs  # noqa: E402
 from lib.dataset_check import compute_mean_std  # noqa: E402
+from lib.datasets import DATASETS  # noqa: E402
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="cityscapes",
-                        choices=["cityscapes", "list", "folders"])
+                        choices=[*DATASETS, "list", "folders"])
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--train-list", default=None)
     parser.add_argument("--split", default="train")
     args = parser.parse_args(argv)
     cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, train_list=args.train_list)
-    pairs = dataset_pairs(cfg, args.split)
+    try:
+        pairs = dataset_pairs(cfg, args.split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     mean, std = compute_mean_std([image for image, _ in pairs], progress=True)
     print(f"{len(pairs)} images")
     print(f"--mean {' '.join(map(str, mean))} --std {' '.join(map(str, std))}")

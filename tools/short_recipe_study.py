@@ -51,9 +51,9 @@ import torch  # noqa: E402
 
 from bisenetv2.model import BiSeNetV2  # noqa: E402
 from lib.checkpoint import load_checkpoint  # noqa: E402
-from lib.cityscapes import LABEL_ID_TO_TRAIN_ID, MEAN, STD, find_cityscapes_pairs  # noqa: E402
 from lib.config import TrainConfig  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
+from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, MEAN, STD, find_cityscapes_pairs  # noqa: E402
 from lib.evaluator import EvalOptions, evaluate, iou_from_confusion  # noqa: E402
 from lib.loss import OhemCrossEntropy  # noqa: E402
 from lib.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes  # noqa: E402

@@ -121,6 +121,25 @@ class DatasetSpec:
             return train_id
         return int(np.flatnonzero(self.label_lut == train_id)[0])
 
+    def train_to_raw(self) -> np.ndarray:
+        """(256,) uint8: train id -> the dataset's own label value (the smallest raw value of that
+        class), so that saved predictions read like the dataset's label files; 0 elsewhere."""
+        table = np.zeros(256, np.uint8)
+        for train_id in range(self.n_classes):
+            table[train_id] = self.raw_value(self.class_names[train_id])
+        return table
+
+    def describe_raw_values(self) -> str:
+        """The raw values a label file may hold, as ranges: e.g. ``0..181, 255``."""
+        values = np.flatnonzero(self.valid_raw).tolist()
+        ranges: list[list[int]] = []
+        for v in values:
+            if ranges and v == ranges[-1][1] + 1:
+                ranges[-1][1] = v
+            else:
+                ranges.append([v, v])
+        return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in ranges)
+
     def bad_raw_table(self) -> np.ndarray:
         """(256,) uint8, 1 at raw values that are outside the dataset's range or end up neither
         a class nor the ignore index: one cheap ``cv2.LUT`` per label finds them."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lib.cityscapes import MEAN as CITYSCAPES_MEAN
-from lib.cityscapes import STD as CITYSCAPES_STD
 from lib.datasets.base import DatasetSpec, raw_value_table
+from lib.datasets.cityscapes import MEAN as CITYSCAPES_MEAN
+from lib.datasets.cityscapes import STD as CITYSCAPES_STD
 
 CLASS_NAMES: tuple[str, ...] = (
     "Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.datasets.base import DatasetSpec
+
 # (labelId, trainId) of the 19 evaluated classes, in trainId order
 _TRAINED_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 
@@ -83,3 +85,31 @@ def find_cityscapes_pairs(root: str | Path, split: str) -> list[tuple[Path, Path
         more = f" (and {len(missing) - 1} more images without labels)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"missing label for {image}: expected {label}{more}")
     return pairs
+
+
+class CityscapesSpec(DatasetSpec):
+    """Cityscapes' tree has a folder per city and suffixed names, and placeholder test labels."""
+
+    def find_pairs(self, root: str | Path, split: str) -> list[tuple[Path, Path | None]]:
+        if split not in self.splits:
+            raise ValueError(f"cityscapes has no {split!r} split; splits: {', '.join(self.splits)}")
+        return find_cityscapes_pairs(root, split)
+
+
+SPEC = CityscapesSpec(
+    name="cityscapes",
+    class_names=CLASS_NAMES,
+    palette=PALETTE,
+    mean=MEAN,
+    std=STD,
+    label_lut=LABEL_ID_TO_TRAIN_ID,
+    valid_raw=LABEL_IDS,
+    splits={"train": "train", "val": "val", "test": "test"},
+    image_dir="leftImg8bit/{split}",
+    label_dir="gtFine/{split}",
+    image_suffix=IMAGE_SUFFIX,
+    unpack_hint="unpack leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip in <data-root>",
+    # the published Cityscapes scores: full 1024x2048 images, 1024x1024 crops in ssc / mscf
+    eval_short_side=None,
+    eval_crop_size=(1024, 1024),
+)
