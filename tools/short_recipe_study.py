@@ -1,4 +1,4 @@
-"""The quickstart (short) recipe against a plain training loop, at equal wall time, on toy sets
+"""The quickstart (short) recipe against a plain training loop, at equal time, on toy sets
 the recipe was not tuned on.
 
 For each toy set (generated with ``lib.toy_cityscapes``'s variant options: colour partly
@@ -22,7 +22,9 @@ iterations of each | load average at the start of each.
 
 The CPU may be shared, so wall time is noisy: the runs are interleaved (ours, plain, ours, plain,
 ...), the 1-minute load average is printed at the start of each run and reported in the table,
-and each result is appended to ``<work-dir>/results.jsonl`` as soon as it is known.
+and each result is appended to ``<work-dir>/results.jsonl`` as soon as it is known. On a machine
+busy with other work, ``--budget cpu`` gives plain the CPU seconds that ours' processes used
+(the trainer, its data workers, start-up included) instead of its wall time.
 
     python tools/short_recipe_study.py                             # the three default sets
     python tools/short_recipe_study.py --sets wide --ours "--lr 0.05 --jitter 0"
