@@ -137,25 +137,33 @@ def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final
         distributed.cleanup_distributed()
 
 
-def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[str, Any]:
-    model, meta = load_model(args.ckpt, dist_info.device, model_name)
-    # BatchNorm folded, no auxiliary heads: the eval-mode model's outputs, faster
-    model = build_runtime(args.runtime, model, dist_info.device)
+def data_config(args: argparse.Namespace, meta: Mapping[str, Any]) -> TrainConfig:
+    """The data side of the recipe: dataset options from the command line (``dataset``,
+    ``data_root``, ``val_list``, ``label_map``, ``num_workers``), classes, ignore index and
+    normalisation from the checkpoint."""
     saved = meta.get("config") or {}
-    options = protocol_options(args, saved)
-    cfg = replace(
+    return replace(
         TrainConfig(),
         model=meta["model"],
         n_classes=meta["n_classes"],
         dataset=args.dataset,
         data_root=args.data_root,
-        val_list=args.val_list,
+        val_list=getattr(args, "val_list", None),
         label_map=args.label_map or saved.get("label_map"),
         ignore_index=int(meta.get("ignore_index", 255)),
         mean=tuple(meta.get("mean", TrainConfig().mean)),
         std=tuple(meta.get("std", TrainConfig().std)),
         num_workers=args.num_workers,
     )
+
+
+def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[str, Any]:
+    model, meta = load_model(args.ckpt, dist_info.device, model_name)
+    # BatchNorm folded, no auxiliary heads: the eval-mode model's outputs, faster
+    model = build_runtime(args.runtime, model, dist_info.device)
+    saved = meta.get("config") or {}
+    options = protocol_options(args, saved)
+    cfg = data_config(args, meta)
     if dist_info.is_main:
         prepare_dataset(cfg)
     distributed.barrier()
