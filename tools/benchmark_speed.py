@@ -221,12 +221,12 @@ def benchmark_device(args, device: torch.device, size: tuple[int, int],
             latency = result["latency"]
             rows.append([model_name, runtime, precision, f"{1000 * latency:.1f}",
                          f"{args.batch / latency:.1f}", f"{result['peak_mib']:.0f}",
-                         f"{gflops:.1f}", f"{1000 * limit:.1f}", f"{latency / limit:.2f}"])
+                         f"{gflops:.3g}", f"{1000 * limit:.3g}", f"{latency / limit:.2f}"])
     table = tabulate(rows, tablefmt="github", headers=[
         "model", "runtime", "precision", "latency (ms)", "FPS",
         "peak memory (MiB)" + ("" if cuda else ", process RSS"), "GFLOPs",
         "FLOP-bound limit (ms)", "x limit"])
-    lines = [f"## {name}: fp32 matmul peak {peak:.0f} GFLOP/s (measured); median of {repeats} "
+    lines = [f"## {name}: fp32 matmul peak {peak:.4g} GFLOP/s (measured); median of {repeats} "
              f"after {warmup} warm-up runs", "", table]
     lines += [f"skipped {s}" for s in dict.fromkeys(skipped)]
     return "\n".join(lines)
