@@ -170,8 +170,9 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
     info = dataset_info(cfg, meta.get("class_names"))
     dataset = build_dataset(cfg, args.split, train=False)
     if dist_info.is_main:
-        logger.info("%s (%d classes) from %s on %d %s images; %s", meta["model"],
-                    meta["n_classes"], args.ckpt, len(dataset), args.split, options.describe())
+        logger.info("%s (%d classes) from %s on %d %s images; %s; runtime %s", meta["model"],
+                    meta["n_classes"], args.ckpt, len(dataset), args.split, options.describe(),
+                    args.runtime)
     is_cityscapes = cfg.dataset == "cityscapes" and cfg.n_classes == 19
     writer = None
     if args.save_pred:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,10 +59,17 @@ def export_program(model: nn.Module, argmax: bool = False, size: tuple[int, int]
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporters print progress lines; keep the tools' output to what they report."""
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink):
-        yield
+    """The exporters print and log progress lines; keep the tools' output to what they report."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def export_onnx(model: nn.Module, path: str | Path, argmax: bool = False,
