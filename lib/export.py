@@ -153,7 +153,11 @@ def loader(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
 
         return OpenVinoRuntime(path)
     package = torch._inductor.aoti_load_package(str(path))
-    return torch.inference_mode()(package)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return package(images)
+    return run
 
 
 def verify(model: nn.Module, fmt: str, path: Path, argmax: bool) -> list[Check]:
