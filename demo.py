@@ -29,12 +29,12 @@ from lib.checkpoint import CheckpointError, load_model
 from lib.data import IMAGE_EXTENSIONS
 from lib.datasets import DATASETS
 from lib.datasets.cityscapes import MEAN, STD
-from lib.deploy import InferenceModel
 from lib.distributed import select_device
 from lib.inference import normalise
 from lib.models import MODEL_NAMES
 from lib.published import NAMES_HELP
 from lib.runs import default_checkpoint
+from lib.runtimes import RUNTIME_NAMES, RuntimeUnavailable, build_runtime
 from lib.visualize import colourise, make_palette
 
 
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--fp16", action="store_true",
                         help="reduced precision: fp16 on CUDA, bf16 on the CPU")
+    parser.add_argument("--runtime", choices=RUNTIME_NAMES, default="auto",
+                        help="auto: the fastest installed runtime, measured on the first image "
+                             "of each size (default); torch: PyTorch eager")
     return parser
 
 
@@ -64,11 +67,11 @@ class Segmenter:
     """Checkpoint -> callable mapping an RGB uint8 image to its class map and colour picture."""
 
     def __init__(self, ckpt: str, device: torch.device, model_name: str | None = None,
-                 reduced_precision: bool = False, dataset: str | None = None) -> None:
+                 reduced_precision: bool = False, dataset: str | None = None,
+                 runtime: str = "auto") -> None:
         model, meta = load_model(ckpt, device, model_name)
         precision = ("fp16" if device.type == "cuda" else "bf16") if reduced_precision else "fp32"
-        # TorchScript freezing pays off when one size repeats (videos); images vary in size
-        self.model = InferenceModel(model, precision=precision, jit=False)
+        self.model = build_runtime(runtime, model, device, precision)
         n_classes = meta["n_classes"]
         # names and colours: the dataset asked for, else those the checkpoint records, else its
         # dataset's; a bare state dict gets Cityscapes' for 19 classes, generated ones otherwise
@@ -171,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if args.ckpt is None:
         args.ckpt = str(default_checkpoint("res/model_final.pth", "res"))
     try:
-        segment = Segmenter(args.ckpt, device, args.model, args.fp16, args.dataset)
-    except CheckpointError as exc:
+        segment = Segmenter(args.ckpt, device, args.model, args.fp16, args.dataset, args.runtime)
+    except (CheckpointError, RuntimeUnavailable) as exc:
         raise SystemExit(f"error: {exc}") from None
     output = Path(args.output)
     if args.video:

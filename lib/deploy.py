@@ -2,9 +2,8 @@
 
 Compared with the training form in eval mode it has no auxiliary heads, every BatchNorm that
 follows a convolution folded into that convolution's weights, in-place ReLUs and channels-last
-weights. Its outputs equal the training form's (to float rounding). ``InferenceModel`` can also
-trace and freeze it per input shape with TorchScript, which lets oneDNN (CPU) or cuDNN fuse
-convolutions with their activations and additions.
+weights. Its outputs equal the training form's (to float rounding). ``lib.runtimes`` runs it
+(PyTorch eager, ONNX Runtime, OpenVINO) and ``lib.export`` writes it as deployable graphs.
 """
 
 from __future__ import annotations
@@ -77,33 +76,3 @@ def autocast_for(device: torch.device, precision: str):
         raise ValueError("fp16 inference needs CUDA; use bf16 on the CPU")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
-
-
-class InferenceModel(nn.Module):
-    """The inference form plus precision, and optionally TorchScript freezing per input shape.
-
-    ``forward`` takes a normalised [N, 3, H, W] float batch and returns float32 logits at the
-    input resolution.
-    """
-
-    def __init__(self, model: nn.Module, precision: str = "fp32", jit: bool = True) -> None:
-        super().__init__()
-        self.model = to_inference_form(model)
-        self.device = next(self.model.parameters()).device
-        self.precision = precision
-        self.jit = jit
-        autocast_for(self.device, precision)  # validates
-        self._frozen: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
-
-    @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
-        with autocast_for(self.device, self.precision):
-            if not self.jit:
-                return self.model(images).float()
-            key = tuple(images.shape)
-            if key not in self._frozen:
-                with torch.jit.optimized_execution(True):
-                    traced = torch.jit.trace(self.model, images, check_trace=False)
-                    self._frozen[key] = torch.jit.freeze(traced.eval())
-            return self._frozen[key](images).float()

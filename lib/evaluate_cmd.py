@@ -23,7 +23,6 @@ from lib.checkpoint import CheckpointError, load_model
 from lib.config import TrainConfig, dataset_defaults
 from lib.data import build_dataset, dataset_info, prepare_dataset
 from lib.datasets import DATASETS
-from lib.deploy import to_inference_form
 from lib.evaluator import (
     MODES,
     EvalOptions,
@@ -36,6 +35,7 @@ from lib.logger import setup_logging
 from lib.models import MODEL_NAMES
 from lib.published import NAMES_HELP
 from lib.runs import default_checkpoint
+from lib.runtimes import RUNTIME_NAMES, RuntimeUnavailable, build_runtime
 
 logger = logging.getLogger("bisenet")
 DEFAULT = EvalOptions()
@@ -70,6 +70,10 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
     parser.add_argument("--save-colour", action="store_true",
                         help="with --save-pred, also write colourised predictions")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--runtime", choices=RUNTIME_NAMES, default="torch",
+                        help="torch (default: the numbers training prints, to the pixel), "
+                             "onnxruntime, openvino, or auto: the fastest installed, measured "
+                             "per input size (logits within 1e-4 of torch's)")
     parser.add_argument("--num-workers", type=int, default=4)
     # Passed by the legacy torch.distributed.launch; the environment carries the same value.
     parser.add_argument("--local-rank", "--local_rank", type=int, default=0,
@@ -150,31 +154,38 @@ def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final
     setup_logging(None, dist_info.rank)
     try:
         return _run(args, dist_info, model_name or args.model)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeUnavailable) as exc:
         logger.error("%s", exc)
         raise SystemExit(1) from None
     finally:
         distributed.cleanup_distributed()
 
 
-def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[str, Any]:
-    model, meta = load_model(args.ckpt, dist_info.device, model_name)
-    model = to_inference_form(model)  # BatchNorm folded, no auxiliary heads: same outputs, faster
+def evaluation_dataset(args: argparse.Namespace, meta: Mapping[str, Any]) -> str:
+    """``--dataset``, else the checkpoint's, else the one a bare state dict's class count
+    implies; a class count that names no single dataset asks for ``--dataset``."""
     saved = meta.get("config") or {}
-    if not (args.dataset or saved.get("dataset") or meta.get("dataset")):
+    name = args.dataset or saved.get("dataset") or meta.get("dataset")
+    if not name:
         raise ValueError(f"{meta['file']} has {meta['n_classes']} classes, which does not tell "
                          f"its dataset: pass --dataset ({', '.join(DATASETS)}, list or folders)")
-    dataset_name, options, other_dataset = dataset_and_protocol(
-        args, saved, implied=meta.get("dataset"), model=meta["model"])
-    spec = DATASETS.get(dataset_name)
-    data_defaults = spec or TrainConfig()
-    cfg = replace(
+    return name
+
+
+def data_config(args: argparse.Namespace, meta: Mapping[str, Any]) -> TrainConfig:
+    """The data side of the recipe: the dataset (:func:`evaluation_dataset`) and its options from
+    the command line or the checkpoint (``data_root``, ``val_list``, ``label_map``,
+    ``num_workers``), classes, ignore index and normalisation from the checkpoint."""
+    saved = meta.get("config") or {}
+    dataset_name = evaluation_dataset(args, meta)
+    data_defaults = DATASETS.get(dataset_name) or TrainConfig()
+    return replace(
         TrainConfig(),
         model=meta["model"],
         n_classes=meta["n_classes"],
         dataset=dataset_name,
         data_root=args.data_root or saved.get("data_root") or TrainConfig().data_root,
-        val_list=args.val_list,
+        val_list=getattr(args, "val_list", None),
         label_map=args.label_map or saved.get("label_map"),
         ignore_index=int(meta.get("ignore_index", 255)),
         # the normalisation the model was trained with; a bare state dict: its dataset's
@@ -182,14 +193,25 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
         std=tuple(meta.get("std", data_defaults.std)),
         num_workers=args.num_workers,
     )
+
+
+def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[str, Any]:
+    model, meta = load_model(args.ckpt, dist_info.device, model_name)
+    # BatchNorm folded, no auxiliary heads: the eval-mode model's outputs, faster
+    model = build_runtime(args.runtime, model, dist_info.device)
+    cfg = data_config(args, meta)
+    _, options, other_dataset = dataset_and_protocol(
+        args, meta.get("config") or {}, implied=meta.get("dataset"), model=meta["model"])
+    spec = DATASETS.get(cfg.dataset)
     if dist_info.is_main:
         prepare_dataset(cfg)
     distributed.barrier()
     info = dataset_info(cfg, meta.get("class_names"))
     dataset = build_dataset(cfg, args.split, train=False)
     if dist_info.is_main:
-        logger.info("%s (%d classes) from %s on %d %s images; %s", meta["model"],
-                    meta["n_classes"], meta["file"], len(dataset), args.split, options.describe())
+        logger.info("%s (%d classes) from %s on %d %s images; %s; runtime %s", meta["model"],
+                    meta["n_classes"], meta["file"], len(dataset), args.split,
+                    options.describe(), args.runtime)
     writer = None
     if args.save_pred:
         palette = info.palette if other_dataset else meta.get("palette", info.palette)

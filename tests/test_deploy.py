@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from lib.deploy import InferenceModel, fold_all_batchnorms, to_inference_form
+from lib.deploy import fold_all_batchnorms, to_inference_form
 from lib.models import MODEL_NAMES, build_model
+from lib.runtimes.torch_eager import TorchRuntime
 
 
 def _randomise_batchnorms(model: nn.Module, seed: int = 0) -> None:
@@ -32,10 +33,10 @@ def test_inference_form_equals_eval_model(name):
     with torch.inference_mode():
         want = model(x)
         got = deploy(x.contiguous(memory_format=torch.channels_last))
-        frozen = InferenceModel(model, jit=True)(x)
+    runtime = TorchRuntime(model)(x)
     scale = want.abs().max()
     assert (got - want).abs().max() / scale < 1e-4
-    assert (frozen - want).abs().max() / scale < 1e-4
+    assert (runtime - want).abs().max() / scale < 1e-4
     assert model.training is False and any(k.startswith(("aux", "conv_out16"))
                                            for k in model.state_dict())  # original untouched
 
@@ -54,8 +55,8 @@ def test_reduced_precision_is_close_and_fp16_needs_cuda():
     x = torch.randn(1, 3, 64, 128)
     with torch.inference_mode():
         want = model(x)
-    got = InferenceModel(model, precision="bf16", jit=False)(x)
+    got = TorchRuntime(model, precision="bf16")(x)
     assert got.dtype == torch.float32
     assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.9
     with pytest.raises(ValueError, match="fp16 inference needs CUDA"):
-        InferenceModel(model, precision="fp16")
+        TorchRuntime(model, precision="fp16")

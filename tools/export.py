@@ -1,14 +1,25 @@
-"""Export a checkpoint's inference form (BatchNorm folded, no auxiliary heads) to ONNX or
-TorchScript.
+"""Export a checkpoint's inference form (BatchNorm folded, no auxiliary heads) for deployment,
+then check the written file against the eager model.
 
     python tools/export.py --ckpt res/model_final.pth --format onnx --output res/model.onnx
     python tools/export.py --ckpt ... --format onnx --argmax        # the graph outputs labels
-    python tools/export.py --ckpt ... --format torchscript --output res/model.pt
+    python tools/export.py --ckpt ... --format openvino             # res/model_final.xml + .bin
+    python tools/export.py --ckpt ... --format pt2                  # AOTInductor package
 
 Input: ``images`` float32 [N, 3, H, W], normalised with the checkpoint's mean/std (Cityscapes:
 RGB / 255, mean (0.3257, 0.3690, 0.3223), std (0.2112, 0.2148, 0.2115)). Output: ``logits``
-[N, C, H, W], or with --argmax ``labels`` int64 [N, H, W]. The ONNX batch, height and width are
-dynamic (any size, not only multiples of 32).
+[N, C, H, W], or with --argmax ``labels`` int64 [N, H, W]. Batch, height and width are dynamic
+in every format (any size, not only multiples of 32).
+
+After writing, the file is loaded by its runtime (ONNX Runtime, OpenVINO, or
+``torch._inductor.aoti_load_package``) and run at two odd sizes against the eager model; the
+largest difference relative to the logits' range and the arg-max agreement are printed, and the
+export fails (exit 1) beyond 1e-4 or below 99.9%. A .pt2 package is compiled code for this
+machine's CPU (or GPU with --device cuda) and is loaded with torch alone:
+
+    import torch
+    model = torch._inductor.aoti_load_package("model_final.pt2")
+    logits = model(images)
 """
 
 from __future__ import annotations
@@ -19,54 +30,31 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
-import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lib.checkpoint import CheckpointError, load_model  # noqa: E402
-from lib.deploy import to_inference_form  # noqa: E402
+from lib.export import (  # noqa: E402
+    EXPORTERS,
+    FORMATS,
+    MAX_RELATIVE_DIFF,
+    MIN_AGREEMENT,
+    SUFFIXES,
+    verify,
+)
 from lib.models import MODEL_NAMES  # noqa: E402
 from lib.published import NAMES_HELP, published_entry  # noqa: E402
 from lib.runs import default_checkpoint  # noqa: E402
-
-
-class WithArgmax(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images).argmax(1)
+from lib.runtimes import RuntimeUnavailable  # noqa: E402
 
 
 def export(model: nn.Module, path: pathlib.Path, fmt: str, argmax: bool = False,
-           size: Sequence[int] = (512, 1024), opset: int = 17) -> pathlib.Path:
-    """Write ``model`` (a training-form or inference-form BiSeNet) to ``path``."""
-    module = to_inference_form(model, channels_last=False).cpu()
-    if argmax:
-        module = WithArgmax(module)
-    module.eval()
-    example = torch.randn(1, 3, *size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "torchscript":
-        with torch.no_grad():
-            traced = torch.jit.trace(module, example)
-        traced.save(str(path))
-        return path
-    output = "labels" if argmax else "logits"
-    dynamic = {
-        "images": {0: "batch", 2: "height", 3: "width"},
-        output: {0: "batch", 1: "height", 2: "width"} if argmax
-        else {0: "batch", 2: "height", 3: "width"},
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["images"],
-                          output_names=[output], dynamic_axes=dynamic, opset_version=opset,
-                          dynamo=False)
-    return path
+           size: Sequence[int] = (64, 128)) -> pathlib.Path:
+    """Write ``model`` (training or inference form) to ``path`` in ``fmt`` (one of FORMATS)."""
+    if fmt not in EXPORTERS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return EXPORTERS[fmt](model, path, argmax=argmax, size=tuple(size))
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
@@ -76,13 +64,14 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
                         help=f"checkpoint, {NAMES_HELP} (default: res/model_final.pth if it "
                              "exists, else the newest trained run's model_final.pth)")
     parser.add_argument("--model", choices=MODEL_NAMES, default=None)
-    parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--output", default=None,
                         help="default: next to the checkpoint (res/<name> for published weights)")
     parser.add_argument("--argmax", action="store_true", help="output labels instead of logits")
-    parser.add_argument("--size", nargs=2, type=int, default=[512, 1024],
-                        help="example input size used for tracing")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--size", nargs=2, type=int, default=[64, 128], metavar=("H", "W"),
+                        help="example input size for tracing (sizes stay dynamic)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip running the written file against the eager model")
     args = parser.parse_args(argv)
     if args.ckpt is None:
         args.ckpt = str(default_checkpoint("res/model_final.pth", "res"))
@@ -90,12 +79,27 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
         model, _ = load_model(args.ckpt, "cpu", args.model)
     except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from None
-    suffix = ".onnx" if args.format == "onnx" else ".pt"
     # next to the checkpoint; published weights by name go to res/<name>, not into the hub cache
     source = pathlib.Path("res" if published_entry(args.ckpt) else "", args.ckpt)
-    output = pathlib.Path(args.output or source.with_suffix(suffix))
-    export(model, output, args.format, args.argmax, args.size, args.opset)
+    output = pathlib.Path(args.output or source.with_suffix(SUFFIXES[args.format]))
+    try:
+        export(model, output, args.format, args.argmax, args.size)
+    except ImportError as exc:
+        raise SystemExit(f"error: --format {args.format} needs the {exc.name!r} package "
+                         f"(pip install {exc.name})") from None
     print(f"wrote {output}")
+    if args.verify:
+        try:
+            checks = verify(model, args.format, output, args.argmax)
+        except RuntimeUnavailable as exc:
+            raise SystemExit(f"error: cannot check {output}: {exc}; --no-verify skips the "
+                             "check") from None
+        for check in checks:
+            print(f"  check {check}")
+        if not all(check.ok for check in checks):
+            raise SystemExit(f"error: {output} differs from the eager model beyond "
+                             f"{MAX_RELATIVE_DIFF:g} relative or {100 * MIN_AGREEMENT:g}% "
+                             "arg-max agreement")
     return output
 
 

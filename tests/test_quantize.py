@@ -1,0 +1,52 @@
+"""int8 quantisation: the graph is really int8, runs, and predicts what the fp32 model does."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from test_deploy import _randomise_batchnorms
+from tools_loader import load_tool
+
+from lib.datasets.cityscapes import MEAN, STD
+from lib.models import build_model
+from lib.toy_cityscapes import generate_toy_cityscapes
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript", reason="exporting ONNX needs onnxscript")
+quantize = load_tool("quantize")
+
+
+def test_int8_graph_agrees_with_fp32_on_toy_images(tmp_path):
+    root = generate_toy_cityscapes(tmp_path / "toy", n_train=6, n_val=2, height=64, width=128,
+                                   seed=2)
+    torch.manual_seed(0)
+    model = build_model("bisenetv2", 19, aux_heads=False)
+    _randomise_batchnorms(model)
+    model.eval()
+    ckpt = tmp_path / "model_final.pth"
+    torch.save(model.state_dict(), ckpt)
+    summary = quantize.main(["--ckpt", str(ckpt), "--data-root", str(root), "--calib-images",
+                             "4", "--bench-size", "64", "128", "--repeats", "1"])
+    path = tmp_path / "model_final.int8.onnx"
+    graph = onnx.load(str(path))
+    ops = [node.op_type for node in graph.graph.node]
+    convs = ops.count("Conv")
+    # every convolution's input and weight pass through a QuantizeLinear/DequantizeLinear pair
+    assert convs > 40 and ops.count("DequantizeLinear") >= 2 * convs
+    int8_weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= convs
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    agree, total = 0, 0
+    for image_path in sorted((root / "leftImg8bit" / "val").rglob("*.png")):
+        rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1] / 255.0
+        x = ((rgb - np.asarray(MEAN)) / np.asarray(STD)).transpose(2, 0, 1)[None]
+        x = np.ascontiguousarray(x, np.float32)
+        with torch.inference_mode():
+            want = model(torch.from_numpy(x)).argmax(1).numpy()
+        got = session.run(None, {"images": x})[0].argmax(1)
+        agree += int((got == want).sum())
+        total += want.size
+    assert agree / total >= 0.9  # random weights: small logit margins, yet few flips
+    assert set(summary) == {"miou_fp32", "miou_int8", "latency_ratio"}

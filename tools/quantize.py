@@ -1,0 +1,144 @@
+"""Post-training static int8 quantisation of a checkpoint's inference form, with its cost.
+
+    python tools/quantize.py --ckpt res/model_final.pth                      # the toy Cityscapes
+    python tools/quantize.py --ckpt model_final_v2_city.pth --data-root data --calib-images 100
+
+Steps: the fp32 ONNX graph is exported (``lib/export.py``); activation ranges are calibrated on
+``--calib-images`` training images (evenly spaced over the split, whole images normalised as for
+evaluation); weights are quantised per channel and the graph written in QDQ format
+(``lib/quantize.py``) to ``--output`` (default: next to the checkpoint, ``<name>.int8.onnx``).
+Then the fp32 model (PyTorch) and the int8 graph (ONNX Runtime) are evaluated single-scale on the
+validation split, and the latency of every fp32 and int8 runtime is measured at ``--bench-size``
+(batch 1; forward + arg-max). The goal line compares int8 with the best fp32 runtime: at most 0.6x
+its latency with at most 0.5 mIoU points lost.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from lib.checkpoint import CheckpointError, load_model  # noqa: E402
+from lib.data import build_dataset, prepare_dataset  # noqa: E402
+from lib.datasets import DATASETS  # noqa: E402
+from lib.evaluate_cmd import data_config  # noqa: E402
+from lib.evaluator import EvalOptions, evaluate, iou_from_confusion  # noqa: E402
+from lib.models import MODEL_NAMES  # noqa: E402
+from lib.quantize import quantize_onnx  # noqa: E402
+from lib.runs import default_checkpoint  # noqa: E402
+from lib.runtimes import RUNTIMES, RuntimeUnavailable, onnx_graph  # noqa: E402
+from lib.runtimes.torch_eager import TorchRuntime  # noqa: E402
+from tools.benchmark_speed import measure  # noqa: E402
+
+MAX_LATENCY_RATIO = 0.6
+MAX_MIOU_LOSS = 0.5  # points
+
+
+def calibration_batches(dataset, count: int) -> Iterator[np.ndarray]:
+    """``count`` images evenly spaced over ``dataset``, one per batch, as float32 arrays."""
+    if count < 1:
+        raise ValueError(f"--calib-images must be at least 1, got {count}")
+    if len(dataset) == 0:
+        raise ValueError("the calibration split has no images")
+    for index in np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int):
+        yield dataset[int(index)][0].unsqueeze(0).numpy()
+
+
+def miou(runtime, dataset, n_classes: int, ignore_index: int) -> float:
+    """Single-scale mIoU (%) of ``runtime`` on ``dataset``: the evaluator's ``ss`` number."""
+    confusion = evaluate(runtime, dataset, n_classes, EvalOptions(modes=("ss",)), device="cpu",
+                         ignore_index=ignore_index, progress=False, num_workers=0)["ss"]
+    return 100 * iou_from_confusion(confusion)[1]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default=None,
+                        help="checkpoint (default: res/model_final.pth if it exists, else the "
+                             "newest trained run's model_final.pth)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default=None)
+    parser.add_argument("--output", default=None, help="default: <ckpt>.int8.onnx")
+    parser.add_argument("--dataset", default=None, choices=[*DATASETS, "list", "folders"],
+                        help="default: the checkpoint's dataset")
+    parser.add_argument("--data-root", default=None,
+                        help="default: the checkpoint's data root, else data")
+    parser.add_argument("--label-map", default=None)
+    parser.add_argument("--calib-images", type=int, default=64,
+                        help="training images used to calibrate activation ranges")
+    parser.add_argument("--calib-method", choices=["minmax", "percentile"], default="minmax")
+    parser.add_argument("--bench-size", nargs=2, type=int, default=[512, 1024],
+                        metavar=("H", "W"), help="input size of the latency measurement")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-eval", dest="eval", action="store_false",
+                        help="skip the mIoU comparison")
+    args = parser.parse_args(argv)
+    args.num_workers = 0
+    if args.ckpt is None:
+        args.ckpt = str(default_checkpoint("res/model_final.pth", "res"))
+    try:
+        model, meta = load_model(args.ckpt, "cpu", args.model)
+        OnnxRuntime = RUNTIMES["onnxruntime"]
+        OnnxRuntime.check(torch.device("cpu"))
+    except (CheckpointError, RuntimeUnavailable) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    cfg = data_config(args, meta)
+    prepare_dataset(cfg)
+    output = pathlib.Path(args.output or pathlib.Path(args.ckpt).with_suffix(".int8.onnx"))
+
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32_graph = onnx_graph(model, scratch)
+        train = build_dataset(cfg, "train", train=False)
+        quantize_onnx(fp32_graph, output, calibration_batches(train, args.calib_images),
+                      args.calib_method)
+        print(f"wrote {output} (calibrated on {min(args.calib_images, len(train))} training "
+              f"images, {args.calib_method})")
+        fp32 = {name: (TorchRuntime(model) if name == "torch" else RUNTIMES[name](fp32_graph))
+                for name, cls in RUNTIMES.items() if cls.unavailable_reason(
+                    torch.device("cpu")) is None}
+    int8 = {name: RUNTIMES[name](output) for name in ("onnxruntime", "openvino")
+            if name in fp32}
+    summary: dict = {}
+    if args.eval:
+        val = build_dataset(cfg, "val", train=False)
+        summary["miou_fp32"] = miou(fp32["torch"], val, cfg.n_classes, cfg.ignore_index)
+        summary["miou_int8"] = miou(int8["onnxruntime"], val, cfg.n_classes, cfg.ignore_index)
+        print(f"mIoU (ss, {len(val)} {cfg.dataset} val images): fp32 (torch) "
+              f"{summary['miou_fp32']:.2f}, int8 (onnxruntime) {summary['miou_int8']:.2f}, "
+              f"change {summary['miou_int8'] - summary['miou_fp32']:+.2f} points")
+
+    size = tuple(args.bench_size)
+    latency = {}
+    for precision, runtimes in (("fp32", fp32), ("int8", int8)):
+        for name, runtime in runtimes.items():
+            latency[name, precision] = measure(runtime, size, size, 1, torch.device("cpu"),
+                                               warmup=2, repeats=args.repeats)["latency"]
+    best_fp32 = min(v for (_, p), v in latency.items() if p == "fp32")
+    rows = [[name, precision, f"{1000 * t:.1f}", f"{t / best_fp32:.2f}"]
+            for (name, precision), t in latency.items()]
+    print(f"latency at 1x3x{size[0]}x{size[1]}, {torch.get_num_threads()} threads (median of "
+          f"{args.repeats}):")
+    print(tabulate(rows, headers=["runtime", "precision", "latency (ms)", "x best fp32"],
+                   tablefmt="github"))
+    best_int8 = min(v for (_, p), v in latency.items() if p == "int8")
+    summary["latency_ratio"] = best_int8 / best_fp32
+    fast = summary["latency_ratio"] <= MAX_LATENCY_RATIO
+    accurate = not args.eval or summary["miou_fp32"] - summary["miou_int8"] <= MAX_MIOU_LOSS
+    print(f"goal (<= {MAX_LATENCY_RATIO}x the best fp32 latency, <= {MAX_MIOU_LOSS} mIoU points "
+          f"lost): {'met' if fast and accurate else 'not met'} (best int8 "
+          f"{summary['latency_ratio']:.2f}x)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
