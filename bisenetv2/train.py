@@ -64,6 +64,8 @@ QUICKSTART = replace(
     log_every=50,
     checkpoint_every=200,
     runs_dir="res/quickstart",
+    # two single-scale validations of the 30 toy images: a few seconds against minutes of training
+    eval_every=400,
 )
 
 if __name__ == "__main__":
