@@ -308,7 +308,7 @@ def _log_progress(it, cfg, optimizer, sums, names, count, elapsed):
     return means
 
 
-def _record_progress(state: RunState, events: EventLog, means: list[float], count: int,
+def record_progress(state: RunState, events: EventLog, means: list[float], count: int,
                      elapsed: float) -> None:
     """The logged values into the history (curves.png) and TensorBoard; already on the host."""
     it, lr = state.iteration, base_lr(state.optimizer)
@@ -575,7 +575,7 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
                 skip_longest.copy_(skip_run)
                 if dist_info.is_main:
                     means = _log_progress(it, cfg, state.optimizer, sums, names, count, elapsed)
-                    _record_progress(state, events, means, count, elapsed)
+                    record_progress(state, events, means, count, elapsed)
                     if bar is not None:
                         bar.set_postfix(loss=f"{means[0]:.4f}", refresh=False)
                 sums.zero_()

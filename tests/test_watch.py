@@ -32,7 +32,10 @@ from lib.data import build_dataset
 from lib.deploy import to_inference_form
 from lib.ema import WeightEma
 from lib.evaluator import EvalOptions, evaluate, iou_from_confusion
+from lib.models import build_model
+from lib.monitor import EventLog
 from lib.toy_cityscapes import generate_toy_cityscapes
+from lib.trainer import RunState, make_scheduler, record_progress
 from lib.visualize import (
     CURVE_COLOURS,
     CURVE_SIZE,
@@ -377,3 +380,26 @@ def test_two_processes_validate_their_shares_and_rank_0_writes(toy_root, tmp_pat
     conf = evaluate(to_inference_form(model), build_dataset(cfg, "val", train=False), 19,
                     EvalOptions(modes=("ss",)), device="cpu", progress=False, num_workers=0)["ss"]
     assert iou_from_confusion(conf)[1] == pytest.approx(best["best_miou"], abs=1e-7)
+
+
+def test_logged_values_reach_the_history_and_the_event_file_with_the_grad_scale(tmp_path):
+    cfg = TrainConfig(max_iter=10, warmup_iter=1, batch_size=16)
+    model = build_model("bisenetv2", 19, aux_heads=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # as on CUDA with --fp16
+    state = RunState(cfg, None, tmp_path, model, optimizer, make_scheduler(optimizer, cfg, 5),
+                     scaler, iteration=5)
+    events = EventLog(tmp_path)
+    record_progress(state, events, [1.5, 0.5, 0.25, 0.25, 0.25, 0.25], count=5, elapsed=2.0)
+    events.close()
+    lr = optimizer.param_groups[0]["lr"]
+    assert state.history.iterations == [5] and state.history.loss == [1.5]
+    assert state.history.lr == [lr]
+    read = EventAccumulator(str(tmp_path))
+    read.Reload()
+    values = {tag: [(e.step, e.value) for e in read.Scalars(tag)]
+              for tag in read.Tags()["scalars"]}
+    assert values["train/grad_scale"] == [(5, 1024.0)]
+    assert values["train/images_per_s"] == [(5, 5 * 16 / 2.0)]
+    assert values["train/loss"] == [(5, 1.5)] and values["train/loss_aux2"] == [(5, 0.25)]
+    assert values["train/lr"][0][1] == pytest.approx(lr, rel=1e-6)
