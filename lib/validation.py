@@ -86,9 +86,9 @@ def validate(state: RunState, val_set, dist_info: distributed.DistInfo,
             save_checkpoint(state.run_dir / BEST_NAME, best)
         shown = " | ".join(f"{n} mIoU {100 * m:.2f}%" for n, (_, m) in results.items())
         logger.info("validation at iteration %d (%d images, ss): %s; best %.2f%% at iteration "
-                    "%d (%s)%s", it, len(val_set), shown, 100 * state.best.miou,
+                    "%d (%s)%s; %.1f s", it, len(val_set), shown, 100 * state.best.miou,
                     state.best.iteration, state.best.weights,
-                    f"; saved {BEST_NAME}" if improved else "")
+                    f"; saved {BEST_NAME}" if improved else "", time.perf_counter() - tic)
         _write_events(state, events, results, lean_models["raw"], val_set, dist_info)
     distributed.barrier()
     return time.perf_counter() - tic
