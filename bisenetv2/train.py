@@ -65,6 +65,8 @@ QUICKSTART = replace(
     log_every=50,
     checkpoint_every=200,
     runs_dir="res/quickstart",
+    # two single-scale validations of the 30 toy images: a few seconds against minutes of training
+    eval_every=400,
 )
 
 # The recipes of the published COCO-Stuff 164k and ADE20K weights (model_final_v2_coco.pth: 30.49

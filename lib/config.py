@@ -97,6 +97,14 @@ class TrainConfig:
         None, "resize the short side to this before evaluating (ADE20K / COCO-Stuff protocol)"
     )
 
+    # watching the run
+    eval_every: int = _opt(
+        0, "evaluate (single scale) every N iterations and keep model_best.pth (0: off)")
+    tensorboard: bool = _opt(True, "write TensorBoard event files in the run folder")
+    ema_decay: float = _opt(
+        0.0, "exponential moving average of the weights with this decay, evaluated and saved "
+        "beside them (0: off)")
+
     def eval_options(self) -> EvalOptions:
         """The protocol of this recipe's evaluation (also saved in checkpoints, read by
         evaluate.py)."""
@@ -262,6 +270,10 @@ def validate_config(cfg: TrainConfig) -> None:
         fail(f"--lr must be positive, got {cfg.lr}")
     if any(s <= 0 for s in cfg.std):
         fail(f"--std {cfg.std} must be positive")
+    if cfg.eval_every < 0:
+        fail(f"--eval-every must be 0 (off) or positive, got {cfg.eval_every}")
+    if not 0 <= cfg.ema_decay < 1:
+        fail(f"--ema-decay must be in [0, 1) (0 turns it off), got {cfg.ema_decay}")
     bad_modes = set(cfg.eval_modes) - {"ss", "ssc", "msf", "mscf"}
     if bad_modes:
         fail(f"unknown --eval-modes {sorted(bad_modes)}: use ss, ssc, msf, mscf")

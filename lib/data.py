@@ -366,16 +366,18 @@ def dataset_pairs(cfg, split: str) -> list[Pair]:
     return find_folder_pairs(root / "images" / split, root / "labels" / split)
 
 
-def build_dataset(cfg, split: str, train: bool, check_labels: bool = False
-                  ) -> SegmentationDataset:
-    """The dataset of ``split``; ``check_labels`` scans every label first (see dataset_check)."""
+def build_dataset(cfg, split: str, train: bool, check_labels: bool = False,
+                  progress: bool = False) -> SegmentationDataset:
+    """The dataset of ``split``; ``check_labels`` scans every label first (see dataset_check),
+    with a progress bar when ``progress``."""
     info = dataset_info(cfg)
     pairs = dataset_pairs(cfg, split)
     if check_labels:
         from lib.dataset_check import check_pairs
 
         report = check_pairs(pairs, cfg.n_classes, cfg.ignore_index, info.label_lut, split=split,
-                             valid_raw=info.valid_raw, dataset_name=cfg.dataset)
+                             valid_raw=info.valid_raw, dataset_name=cfg.dataset,
+                             progress=progress)
         if report.problems:
             shown = "\n  ".join(str(p) for p in report.problems[:20])
             raise ValueError(f"{len(report.problems)} problem(s) in the {split} split "

@@ -50,7 +50,8 @@ def to_inference_form(model: nn.Module, channels_last: bool = True) -> nn.Module
     name = model.model_name
     state_dict = model.state_dict()
     lean = build_model(name, infer_n_classes(state_dict), aux_heads=False)
-    lean.load_state_dict({k: v for k, v in state_dict.items() if k in lean.state_dict()})
+    wanted = lean.state_dict().keys()  # once: rebuilding it per key made this take seconds
+    lean.load_state_dict({k: v for k, v in state_dict.items() if k in wanted})
     lean = copy.deepcopy(lean).to(next(model.parameters()).device).eval()
     with torch.no_grad():
         fold_all_batchnorms(lean)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lib.transforms import to_tensor
-from lib.visualize import colourise
+from lib.visualize import prediction_panel, write_rgb
 
 
 def normalise(image_rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -32,18 +32,25 @@ def predict_labels(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return logits.argmax(1)
 
 
+def example_panel(model: nn.Module, dataset, index: int, palette: np.ndarray,
+                  class_names: Sequence[str], device: torch.device | str = "cpu",
+                  ignore_index: int = 255) -> np.ndarray:
+    """image | ground truth | prediction of ``dataset[index]`` with a legend (RGB uint8)."""
+    image, label = dataset[index]
+    pred = predict_labels(model, image.unsqueeze(0).to(device))[0].cpu().numpy()
+    original = cv2.imread(str(dataset.pairs[index][0]), cv2.IMREAD_COLOR)[..., ::-1]
+    return prediction_panel(original, label.numpy().astype(np.uint8), pred.astype(np.uint8),
+                            palette, class_names, ignore_index)
+
+
 def save_example_prediction(
     model: nn.Module, dataset, index: int, path: str | Path, palette: np.ndarray,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", class_names: Sequence[str] = (),
+    ignore_index: int = 255,
 ) -> Path:
-    """Write the input image and its colourised prediction side by side to ``path``."""
-    image, _ = dataset[index]
-    pred = predict_labels(model, image.unsqueeze(0).to(device))[0].cpu().numpy()
-    original = cv2.imread(str(dataset.pairs[index][0]), cv2.IMREAD_COLOR)
-    colour = colourise(pred.astype(np.uint8), palette)
-    side_by_side = np.concatenate([original, colour[..., ::-1]], axis=1)
+    """Write image | ground truth | prediction, with a legend of the classes shown, to ``path``."""
+    panel = example_panel(model, dataset, index, palette, class_names, device, ignore_index)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), side_by_side):
-        raise OSError(f"could not write {path}")
+    write_rgb(path, panel)
     return path

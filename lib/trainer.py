@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib import distributed
 from lib.checkpoint import (
@@ -38,17 +39,21 @@ from lib.checkpoint import (
 from lib.config import TrainConfig
 from lib.data import DatasetInfo, build_dataset, dataset_info, prepare_dataset, worker_init
 from lib.deploy import to_inference_form
+from lib.ema import WeightEma
 from lib.evaluator import evaluate, format_iou_table, iou_from_confusion
 from lib.inference import save_example_prediction
 from lib.logger import setup_logging
 from lib.loss import OhemCrossEntropy
 from lib.lr_scheduler import WarmupPolyLR
 from lib.models import build_model
+from lib.monitor import EventLog, TrainingHistory, interactive, progress_bar
 from lib.optim import build_optimizer
 from lib.pretrained import PretrainedWeightsError, load_pretrained_backbone
 from lib.runs import RunFinished, RunPlan, compare_resume_config, plan_run
 from lib.sampler import InfiniteShardedSampler
 from lib.sync_batchnorm import convert_sync_batchnorm
+from lib.validation import BestModel, validate
+from lib.visualize import training_curves, write_rgb
 
 logger = logging.getLogger("bisenet")
 
@@ -63,6 +68,9 @@ MAX_SKIPPED_STEPS = 100
 MIN_SCALE = 2.0**-14
 # Under DDP on CUDA, how often (in iterations) the ranks agree on a pending SIGINT/SIGTERM.
 STOP_CHECK_EVERY = 10
+# Written next to model_final.pth: the EMA weights (--ema-decay) and the training curves.
+FINAL_EMA_NAME = "model_final_ema.pth"
+CURVES_NAME = "curves.png"
 
 
 class TrainingDiverged(RuntimeError):
@@ -163,6 +171,9 @@ class RunState:
     ddp_model: nn.Module | None = None  # the DistributedDataParallel wrapper, when distributed
     iteration: int = 0
     last_checkpoint: Path | None = None
+    ema: WeightEma | None = None  # --ema-decay
+    best: BestModel = field(default_factory=BestModel)  # --eval-every
+    history: TrainingHistory = field(default_factory=TrainingHistory)  # behind curves.png
 
     @property
     def net(self) -> nn.Module:
@@ -170,8 +181,17 @@ class RunState:
         return self.ddp_model if self.ddp_model is not None else self.model
 
     def checkpoint(self) -> dict[str, Any]:
-        return build_checkpoint(self.cfg, self.info, self.model, self.iteration, self.optimizer,
-                                self.scheduler, self.scaler)
+        checkpoint = build_checkpoint(self.cfg, self.info, self.model, self.iteration,
+                                      self.optimizer, self.scheduler, self.scaler)
+        checkpoint["best"] = self.best.as_dict()
+        checkpoint["history"] = self.history.as_dict()
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        return checkpoint
+
+    def model_checkpoint(self, module: nn.Module) -> dict[str, Any]:
+        """A model file (no optimizer state) of ``module``'s weights at this iteration."""
+        return build_checkpoint(self.cfg, self.info, module, self.iteration)
 
     def load(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["state_dict"])
@@ -179,6 +199,13 @@ class RunState:
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.iteration = int(checkpoint["iteration"])
         self.scheduler = make_scheduler(self.optimizer, self.cfg, self.iteration)
+        self.best = BestModel.from_dict(checkpoint.get("best"))
+        self.history = TrainingHistory.from_dict(checkpoint.get("history"), self.iteration)
+        if self.ema is not None:
+            if checkpoint.get("ema"):
+                self.ema.load_state_dict(checkpoint["ema"])
+            else:  # EMA switched on for a resumed run: it starts from the resumed weights
+                logger.info("EMA of the weights starts at iteration %d", self.iteration)
 
     def ensure_finite(self) -> None:
         """Refuse to go on from non-finite weights (checked before every checkpoint)."""
@@ -268,6 +295,7 @@ def build_train_model(cfg: TrainConfig, dist_info: distributed.DistInfo,
 
 
 def _log_progress(it, cfg, optimizer, sums, names, count, elapsed):
+    """Log the means of the last ``count`` iterations; returns them (total, then per head)."""
     means = (sums / max(count, 1)).tolist()
     per_head = " ".join(f"{n}={v:.4f}" for n, v in zip(names, means[1:], strict=False))
     sec_per_it = elapsed / max(count, 1)
@@ -278,6 +306,21 @@ def _log_progress(it, cfg, optimizer, sums, names, count, elapsed):
         per_head, sec_per_it,
         time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.1f} h",
     )
+    return means
+
+
+def record_progress(state: RunState, events: EventLog, means: list[float], count: int,
+                     elapsed: float) -> None:
+    """The logged values into the history (curves.png) and TensorBoard; already on the host."""
+    it, lr = state.iteration, base_lr(state.optimizer)
+    state.history.add_training(it, means[0], lr)
+    values = {"train/loss": means[0], "train/lr": lr,
+              "train/images_per_s": count * state.cfg.batch_size / max(elapsed, 1e-9)}
+    values.update({f"train/loss_{name}": v
+                   for name, v in zip(state.model.output_names, means[1:], strict=True)})
+    if state.scaler.is_enabled():
+        values["train/grad_scale"] = state.scaler.get_scale()
+    events.scalars(it, values)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -354,7 +397,10 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
         prepare_dataset(cfg)  # e.g. generates the toy dataset; only once, before others read it
     distributed.barrier()
     info = dataset_info(cfg)
-    train_set = build_dataset(cfg, "train", train=True, check_labels=cfg.check_data)
+    if cfg.check_data and dist_info.is_main:
+        logger.info("checking every label of the training split (--no-check-data skips it)")
+    train_set = build_dataset(cfg, "train", train=True, check_labels=cfg.check_data,
+                              progress=dist_info.is_main and interactive())
     if dist_info.is_main:
         logger.info("training set: %d images from %s", len(train_set), cfg.data_root)
 
@@ -363,6 +409,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
     use_scaler = cfg.fp16 and device.type == "cuda"
     state = RunState(cfg, info, out_dir, model, optimizer, make_scheduler(optimizer, cfg),
                      torch.amp.GradScaler(device.type, enabled=use_scaler))
+    if cfg.ema_decay:
+        state.ema = WeightEma(model, cfg.ema_decay)
     if resume is not None:
         path, checkpoint = resume
         state.load(checkpoint)
@@ -393,19 +441,40 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
     )
     criterion = OhemCrossEntropy(thresh=cfg.ohem_thresh, ignore_index=cfg.ignore_index)
 
-    summary = _train_loop(state, loader, criterion, dist_info)
-    final_path = out_dir / FINAL_NAME
-    state.ensure_finite()
-    if dist_info.is_main:
-        # the full state: a larger --max-iter with --resume extends a finished run
-        state.save(final_path)
-        logger.info("saved %s", final_path)
-    summary["checkpoint"] = str(final_path)
-    summary["run_dir"] = str(out_dir)
+    val_set = build_dataset(cfg, "val", train=False) if cfg.eval_every else None
+    events = EventLog(out_dir if dist_info.is_main and cfg.tensorboard else None,
+                      purge_step=state.iteration)
+    try:
+        summary = _train_loop(state, loader, criterion, dist_info, val_set, events)
+        final_path = out_dir / FINAL_NAME
+        state.ensure_finite()
+        if dist_info.is_main:
+            # the full state: a larger --max-iter with --resume extends a finished run
+            state.save(final_path)
+            logger.info("saved %s", final_path)
+            if state.ema is not None:
+                save_checkpoint(out_dir / FINAL_EMA_NAME, state.model_checkpoint(state.ema.module))
+                logger.info("saved %s (EMA of the weights, decay %g)", out_dir / FINAL_EMA_NAME,
+                            state.ema.decay)
+            write_curves(state, out_dir / CURVES_NAME)
+        summary["checkpoint"] = str(final_path)
+        summary["run_dir"] = str(out_dir)
 
-    if cfg.eval_at_end:
-        summary.update(_evaluate_at_end(cfg, dist_info, out_dir, info, model))
+        if cfg.eval_at_end:
+            summary.update(_evaluate_at_end(cfg, dist_info, out_dir, info, model, state.ema,
+                                            events))
+    finally:
+        events.close()
     return summary
+
+
+def write_curves(state: RunState, path: Path) -> Path:
+    """``curves.png``: loss, learning rate and validation mIoU over the iterations logged."""
+    h = state.history
+    write_rgb(path, training_curves(h.iterations, h.loss, h.lr, h.val_iterations, h.val_miou,
+                                    state.cfg.max_iter))
+    logger.info("training curves written to %s", path)
+    return path
 
 
 class StopRequest:
@@ -447,8 +516,12 @@ class StopRequest:
 
 
 def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
-                dist_info: distributed.DistInfo) -> dict[str, Any]:
+                dist_info: distributed.DistInfo, val_set=None,
+                events: EventLog | None = None) -> dict[str, Any]:
     cfg, device = state.cfg, dist_info.device
+    events = events or EventLog(None)
+    bar = progress_bar(cfg.max_iter, state.iteration, dist_info.is_main and interactive())
+    start_time, validation_seconds = time.perf_counter(), 0.0
     names = state.model.output_names
     state.net.train()
     sums = torch.zeros(len(names) + 1, device=device)
@@ -459,7 +532,8 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
     count = 0
     tic = time.perf_counter()
     batches = iter(loader)
-    with StopRequest() as stop:
+    # with a progress bar, log lines are printed above it
+    with StopRequest() as stop, logging_redirect_tqdm() if bar is not None else nullcontext():
         while state.iteration < cfg.max_iter:
             it = state.iteration
             # Randomness inside the model (dropout) depends only on (seed, rank, iteration), so
@@ -481,6 +555,8 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
             scaler.step(state.optimizer)
             scaler.update()
             state.scheduler.step()
+            if state.ema is not None:
+                state.ema.update(state.model)
             state.iteration = it = it + 1
             stats = torch.cat([loss.detach()[None], losses.detach()])
             if scale_before is not None:
@@ -489,6 +565,8 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
                 stats = torch.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0)
             sums += stats
             count += 1
+            if bar is not None:
+                bar.update(1)
 
             if it % cfg.log_every == 0 or it == cfg.max_iter:
                 if device.type == "cuda":
@@ -497,10 +575,17 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
                 _check_divergence(state, sums, count, names, skip_longest)
                 skip_longest.copy_(skip_run)
                 if dist_info.is_main:
-                    _log_progress(it, cfg, state.optimizer, sums, names, count, elapsed)
+                    means = _log_progress(it, cfg, state.optimizer, sums, names, count, elapsed)
+                    record_progress(state, events, means, count, elapsed)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{means[0]:.4f}", refresh=False)
                 sums.zero_()
                 count = 0
                 tic = time.perf_counter()
+            if val_set is not None and cfg.eval_every and it % cfg.eval_every == 0:
+                seconds = validate(state, val_set, dist_info, events)
+                validation_seconds += seconds
+                tic += seconds  # the s/it and images/s of the next log line exclude it
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.max_iter:
                 _check_divergence(state, sums, count, names, skip_longest)
                 _save_periodic(state, dist_info)
@@ -511,7 +596,14 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
                     _check_divergence(state, sums, count, names, skip_longest)
                     _save_periodic(state, dist_info)
                 raise KeyboardInterrupt(f"stopped at iteration {it}")
-    return {"iterations": state.iteration, "final_lr": base_lr(state.optimizer)}
+    if bar is not None:
+        bar.close()
+    total = time.perf_counter() - start_time
+    if dist_info.is_main and validation_seconds:
+        logger.info("training loop: %.1f s, of which validation %.1f s (%.1f%%)", total,
+                    validation_seconds, 100 * validation_seconds / total)
+    return {"iterations": state.iteration, "final_lr": base_lr(state.optimizer),
+            "loop_seconds": total, "validation_seconds": validation_seconds}
 
 
 def _check_divergence(state: RunState, sums: torch.Tensor, count: int, names: Sequence[str],
@@ -550,24 +642,35 @@ def _save_periodic(state: RunState, dist_info: distributed.DistInfo) -> Path:
     return path
 
 
-def _evaluate_at_end(cfg, dist_info, out_dir, info, model) -> dict[str, Any]:
+def _evaluate_at_end(cfg, dist_info, out_dir, info, model, ema: WeightEma | None = None,
+                     events: EventLog | None = None) -> dict[str, Any]:
     """The recipe's evaluation, on the model's inference form: the very computation that
-    ``evaluate.py`` runs on the saved ``model_final.pth``, so both print the same numbers."""
+    ``evaluate.py`` runs on the saved ``model_final.pth`` (and ``model_final_ema.pth``), so both
+    print the same numbers."""
     val_set = build_dataset(cfg, "val", train=False)
     options = cfg.eval_options()
-    inference_model = to_inference_form(model)
-    results = evaluate(inference_model, val_set, cfg.n_classes, options, device=dist_info.device,
-                       ignore_index=cfg.ignore_index, progress=dist_info.is_main)
     summary: dict[str, Any] = {}
-    if dist_info.is_main:
-        logger.info("validation (%d images; %s):\n%s", len(val_set), options.describe(),
-                    format_iou_table(results, info.class_names))
-        for mode, conf in results.items():
-            summary[f"miou_{mode}"] = iou_from_confusion(conf)[1]
-        example = save_example_prediction(inference_model, val_set, 0,
-                                          out_dir / "example_prediction.png", info.palette,
-                                          dist_info.device)
-        logger.info("colourised prediction of %s written to %s", val_set.pairs[0][0], example)
+    weights = {"": model} if ema is None else {"": model, "_ema": ema.module}
+    for suffix, module in weights.items():
+        inference_model = to_inference_form(module)
+        results = evaluate(inference_model, val_set, cfg.n_classes, options,
+                           device=dist_info.device, ignore_index=cfg.ignore_index,
+                           progress=dist_info.is_main)
+        if not dist_info.is_main:
+            continue
+        logger.info("validation%s (%d images; %s):\n%s", " of the EMA weights" if suffix else "",
+                    len(val_set), options.describe(), format_iou_table(results, info.class_names))
+        mious = {f"{mode}{suffix}": iou_from_confusion(conf)[1] for mode, conf in results.items()}
+        summary.update({f"miou_{key}": miou for key, miou in mious.items()})
+        if events is not None:
+            events.scalars(cfg.max_iter, {f"final/mIoU_{key}": 100 * m for key, m in mious.items()})
+        if not suffix:
+            example = save_example_prediction(inference_model, val_set, 0,
+                                              out_dir / "example_prediction.png", info.palette,
+                                              dist_info.device, info.class_names,
+                                              cfg.ignore_index)
+            logger.info("image | ground truth | prediction of %s written to %s",
+                        val_set.pairs[0][0], example)
     return summary
 
 
