@@ -4,8 +4,9 @@ Neither option changes what is computed (the losses equal those of the eager, co
 step to float rounding; tests/test_train_step.py), only how fast. The defaults per device come
 from ``tools/benchmark_train.py``, run side by side on each kind of device:
 
-* channels-last: on by default on CUDA (cuDNN's depth-wise and fp16 convolutions are much faster
-  in that layout); on the CPU it is chosen by measurement (``CHANNELS_LAST_DEFAULT``).
+* channels-last: on by default on CUDA, the layout the trainer has always used there (README,
+  Speed: BiSeNetV2's fp16 depth-wise convolutions were slow on an H100 in NCHW); off on the CPU
+  until the benchmark shows it faster there (``CHANNELS_LAST_DEFAULT``).
 * compile: off by default. On the CPU compiling the forward and backward graphs of BiSeNetV2
   takes minutes, more than a short run such as the quickstart (800 iterations) can win back.
 
@@ -23,7 +24,7 @@ from torch import nn
 
 # Device type -> whether channels-last is the default memory format of the training step.
 # Measured with tools/benchmark_train.py (see README, Training): on the CPU the channels-last
-# step of BiSeNetV2 / V1 was not clearly faster than the contiguous one.
+# step of BiSeNetV2 was not faster than the contiguous one (V1 not measured yet).
 CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": False}
 
 
