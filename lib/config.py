@@ -21,6 +21,8 @@ from lib.datasets import DATASETS
 from lib.datasets.cityscapes import MEAN, STD
 from lib.evaluator import DEFAULT_SCALES, EvalOptions
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def _opt(default, help: str, **kwargs):  # noqa: A002 - mirrors argparse's keyword
     return field(default=default, metadata={"help": help, **kwargs})
@@ -72,6 +74,14 @@ class TrainConfig:
     aux_weight: float = _opt(1.0, "weight of each auxiliary (booster) loss")
     fp16: bool = _opt(False, "mixed precision: fp16 autocast + GradScaler on CUDA, bf16 on CPU")
     sync_bn: bool = _opt(True, "synchronised BatchNorm when training with several processes")
+    channels_last: bool | None = _opt(
+        None, "channels-last memory format for the model and its inputs (default: the device's "
+        "measured choice, lib/train_step.py: on for CUDA, off for the CPU)")
+    compile: bool = _opt(
+        False, "torch.compile the training step's model (costs minutes of compilation first)")
+    compile_mode: str = _opt(
+        "default", "torch.compile mode: default, reduce-overhead, max-autotune, "
+        "max-autotune-no-cudagraphs")
     # run
     device: str = _opt("auto", "auto, cuda or cpu")
     num_workers: int = _opt(4, "data-loading workers per process")
@@ -123,7 +133,9 @@ def _argument_for(f: dataclasses.Field, default) -> tuple[list[str], dict]:
     kwargs: dict = {"default": default, "help": f"{f.metadata['help']} (default: %(default)s)"}
     hint = typing.get_type_hints(TrainConfig)[f.name]
     origin = typing.get_origin(hint)
-    if hint is bool:
+    if hint is bool or (origin in (typing.Union, types.UnionType)
+                        and set(typing.get_args(hint)) == {bool, type(None)}):
+        # "bool | None": --x / --no-x, and None (not given) leaves the choice to the code
         kwargs["action"] = argparse.BooleanOptionalAction
     elif origin is tuple:
         args = typing.get_args(hint)
@@ -274,6 +286,8 @@ def validate_config(cfg: TrainConfig) -> None:
         fail(f"--eval-every must be 0 (off) or positive, got {cfg.eval_every}")
     if not 0 <= cfg.ema_decay < 1:
         fail(f"--ema-decay must be in [0, 1) (0 turns it off), got {cfg.ema_decay}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        fail(f"--compile-mode {cfg.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     bad_modes = set(cfg.eval_modes) - {"ss", "ssc", "msf", "mscf"}
     if bad_modes:
         fail(f"unknown --eval-modes {sorted(bad_modes)}: use ss, ssc, msf, mscf")

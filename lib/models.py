@@ -27,6 +27,10 @@ _CLASSIFIER_KEYS = {
 }
 
 
+# key prefixes of wrapped models: DistributedDataParallel / DataParallel, torch.compile
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def build_model(name: str, n_classes: int, aux_heads: bool = True) -> nn.Module:
     """Build model ``name`` (one of :data:`MODEL_NAMES`) with ``n_classes`` outputs."""
     if name not in MODELS:
@@ -37,14 +41,20 @@ def build_model(name: str, n_classes: int, aux_heads: bool = True) -> nn.Module:
 
 
 def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Remove the ``module.`` prefix that (Distributed)DataParallel adds to every key.
+    """Remove the prefixes wrappers add to every key: ``module.`` ((Distributed)DataParallel) and
+    ``_orig_mod.`` (``torch.compile``), in any nesting.
 
-    Only stripped when *all* keys carry it, so a model that really has a ``module`` child is safe.
+    A prefix is only stripped when *all* keys carry it, so a model that really has a ``module``
+    child is safe.
     """
-    prefix = "module."
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
+    state_dict = dict(state_dict)
+    while state_dict:
+        prefix = next((p for p in _WRAPPER_PREFIXES
+                       if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def infer_model_name(state_dict: Mapping[str, Any]) -> str:

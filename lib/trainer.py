@@ -52,6 +52,7 @@ from lib.pretrained import PretrainedWeightsError, load_pretrained_backbone
 from lib.runs import RunFinished, RunPlan, compare_resume_config, plan_run
 from lib.sampler import InfiniteShardedSampler
 from lib.sync_batchnorm import convert_sync_batchnorm
+from lib.train_step import compile_for_training, step_losses, to_memory_format, use_channels_last
 from lib.validation import BestModel, validate
 from lib.visualize import training_curves, write_rgb
 
@@ -169,6 +170,7 @@ class RunState:
     scheduler: WarmupPolyLR
     scaler: torch.amp.GradScaler
     ddp_model: nn.Module | None = None  # the DistributedDataParallel wrapper, when distributed
+    compiled: nn.Module | None = None  # torch.compile of ``net`` (--compile); never saved
     iteration: int = 0
     last_checkpoint: Path | None = None
     ema: WeightEma | None = None  # --ema-decay
@@ -177,7 +179,9 @@ class RunState:
 
     @property
     def net(self) -> nn.Module:
-        """The module to call for training steps (the DDP wrapper when there is one)."""
+        """The module to call for training steps (compiled, then the DDP wrapper, if any)."""
+        if self.compiled is not None:
+            return self.compiled
         return self.ddp_model if self.ddp_model is not None else self.model
 
     def checkpoint(self) -> dict[str, Any]:
@@ -289,9 +293,7 @@ def build_train_model(cfg: TrainConfig, dist_info: distributed.DistInfo,
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:  # nn.SyncBatchNorm is CUDA-only; ours all-reduces over gloo
             model = convert_sync_batchnorm(model)
-    if dist_info.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return to_memory_format(model, use_channels_last(cfg.channels_last, dist_info.device))
 
 
 def _log_progress(it, cfg, optimizer, sums, names, count, elapsed):
@@ -432,6 +434,9 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
             gradient_as_bucket_view=True,
         )
 
+    if cfg.compile:
+        state.compiled = compile_for_training(state.net, cfg.compile_mode)
+
     sampler = InfiniteShardedSampler(len(train_set), cfg.batch_size, dist_info.rank, world,
                                      seed=cfg.seed, start_iter=state.iteration)
     loader = DataLoader(
@@ -530,6 +535,7 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
     skip_run = torch.zeros((), device=device)
     skip_longest = torch.zeros((), device=device)
     count = 0
+    channels_last = use_channels_last(cfg.channels_last, device)
     tic = time.perf_counter()
     batches = iter(loader)
     # with a progress bar, log lines are printed above it
@@ -542,12 +548,9 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
             images, labels = next(batches)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, cfg.fp16):
-                outputs = state.net(images)
-            losses = torch.stack([criterion(out.float(), labels) for out in outputs])
-            loss = losses[0] + cfg.aux_weight * losses[1:].sum()
+            images = to_memory_format(images, channels_last)
+            loss, losses = step_losses(state.net, criterion, images, labels, cfg.aux_weight,
+                                       autocast_context(device, cfg.fp16))
             state.optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             # the scale tensor before the step (private attribute: get_scale() would synchronise)

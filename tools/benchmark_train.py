@@ -1,0 +1,200 @@
+"""Training-step throughput of each execution variant, side by side, in one process.
+
+A step is what the trainer runs per iteration: forward of the training model (auxiliary heads
+included), the OHEM losses of every output, backward, and the SGD step with the recipe's
+parameter groups. Data loading is not timed (the batches are random tensors made up front).
+
+Variants (``--variants``; all by default):
+  eager            fp32, contiguous (NCHW) tensors: the reference
+  channels-last    fp32, model and inputs in channels-last layout
+  compile          torch.compile of the model (fp32)
+  compile+cl       both
+  amp              bf16 autocast on the CPU, fp16 on CUDA (``--fp16`` of the trainer)
+  compile-autotune torch.compile mode max-autotune-no-cudagraphs (not in the default list: it
+                   compiles for much longer)
+
+Every variant starts from the same weights and sees the same batches; the losses of its first
+``--compare-iters`` iterations are compared with eager's (fp32 variants must agree within 1e-4
+relative). Dropout (BiSeNetV2's head) is replaced by the identity in every variant: its masks are
+drawn in memory order, so channels-last and compiled models would draw other masks than eager,
+and the losses could not be compared; it is one cheap op, so the timings hardly change.
+The first iteration, which includes compilation for the compiled variants, is reported
+separately. The steps are then timed in rounds that interleave the
+variants (eager, channels-last, ..., eager, channels-last, ...), so that a machine whose load
+changes over time affects every variant alike; the median round is reported.
+
+    python tools/benchmark_train.py                               # V1 and V2, batch 8, 256x512
+    python tools/benchmark_train.py --models bisenetv2 --variants eager channels-last
+    python tools/benchmark_train.py --device cuda --size 512 1024 --batch 16
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lib.distributed import select_device  # noqa: E402
+from lib.loss import OhemCrossEntropy  # noqa: E402
+from lib.models import MODEL_NAMES, build_model  # noqa: E402
+from lib.optim import build_optimizer  # noqa: E402
+from lib.train_step import (  # noqa: E402
+    compile_for_training,
+    step_losses,
+    to_memory_format,
+    without_dropout,
+)
+from lib.trainer import autocast_context, iteration_seed  # noqa: E402
+
+# variant name -> (channels-last, compile mode or None, autocast)
+VARIANTS = {
+    "eager": (False, None, False),
+    "channels-last": (True, None, False),
+    "compile": (False, "default", False),
+    "compile+cl": (True, "default", False),
+    "amp": (False, None, True),
+    "compile-autotune": (False, "max-autotune-no-cudagraphs", False),
+}
+DEFAULT_VARIANTS = ("eager", "channels-last", "compile", "compile+cl", "amp")
+
+
+@dataclass
+class Runner:
+    """One variant's model, optimizer and step function, and what was measured of it."""
+
+    name: str
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    channels_last: bool
+    amp: bool
+    first_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    round_s: list[float] = field(default_factory=list)
+
+
+def make_runner(name: str, initial: nn.Module, device: torch.device, lr: float) -> Runner:
+    channels_last, compile_mode, amp = VARIANTS[name]
+    model = to_memory_format(copy.deepcopy(initial).to(device).train(), channels_last)
+    net = compile_for_training(model, compile_mode) if compile_mode else model
+    return Runner(name, model, net, build_optimizer(model, lr), channels_last, amp)
+
+
+def train_step(runner: Runner, criterion: nn.Module, images: torch.Tensor,
+               labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """One trainer iteration (without the GradScaler, which only fp16 on CUDA enables)."""
+    torch.manual_seed(seed)
+    images = to_memory_format(images, runner.channels_last)
+    loss, _ = step_losses(runner.net, criterion, images, labels, aux_weight=1.0,
+                          autocast=autocast_context(images.device, runner.amp))
+    runner.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    runner.optimizer.step()
+    return loss.detach()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_model(model_name: str, variants: list[str], args, device: torch.device) -> list:
+    torch.manual_seed(0)
+    initial = without_dropout(build_model(model_name, 19, aux_heads=True))
+    criterion = OhemCrossEntropy()
+    n_batches = max(args.compare_iters, args.iters)
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(n_batches):
+        images = torch.randn(args.batch, 3, *args.size, generator=generator)
+        labels = torch.randint(0, 19, (args.batch, *args.size), generator=generator)
+        labels[:, : args.size[0] // 8] = 255  # some ignored pixels, as in real labels
+        batches.append((images.to(device), labels.to(device)))
+    runners = [make_runner(name, initial, device, args.lr) for name in variants]
+
+    # 1. warm-up (and compilation), the same first iterations for every variant
+    for runner in runners:
+        for it in range(args.compare_iters):
+            _sync(device)
+            tic = time.perf_counter()
+            loss = train_step(runner, criterion, *batches[it], seed=iteration_seed(0, 0, it))
+            runner.losses.append(float(loss))  # synchronises
+            if it == 0:
+                runner.first_s = time.perf_counter() - tic
+        print(f"{model_name} {runner.name}: first iteration {runner.first_s:.1f} s", flush=True)
+
+    # 2. timed rounds, interleaved
+    for _ in range(args.rounds):
+        for runner in runners:
+            _sync(device)
+            tic = time.perf_counter()
+            for it in range(args.iters):
+                train_step(runner, criterion, *batches[it], seed=iteration_seed(0, 0, it))
+            _sync(device)
+            runner.round_s.append((time.perf_counter() - tic) / args.iters)
+
+    reference = next((r for r in runners if r.name == "eager"), None)
+    rows = []
+    for runner in runners:
+        step = statistics.median(runner.round_s)
+        row = [model_name, runner.name, f"{runner.first_s:.1f}", f"{step:.3f}",
+               f"{args.batch / step:.2f}"]
+        if reference is not None:
+            ratio = statistics.median(runner.round_s) / statistics.median(reference.round_s)
+            diff = max(abs(a - b) / abs(b) for a, b in zip(runner.losses, reference.losses,
+                                                            strict=True))
+            row += [f"{1 / ratio:.2f}x", f"{diff:.1e}"]
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["bisenetv1", "bisenetv2"],
+                        choices=MODEL_NAMES)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                        choices=list(VARIANTS))
+    parser.add_argument("--size", nargs=2, type=int, default=(256, 512), metavar=("H", "W"),
+                        help="crop height and width")
+    parser.add_argument("--batch", type=int, default=8, help="images per step")
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds (the median is reported)")
+    parser.add_argument("--compare-iters", type=int, default=3,
+                        help="first iterations whose losses are compared with eager's")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (0: PyTorch's default)")
+    args = parser.parse_args(argv)
+    if args.compare_iters < 1 or args.iters < 1 or args.rounds < 1:
+        parser.error("--compare-iters, --iters and --rounds must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    amp = "fp16 autocast" if device.type == "cuda" else "bf16 autocast"
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"batch {args.batch} at {args.size[0]}x{args.size[1]}; amp = {amp}; "
+          f"{args.rounds} interleaved rounds of {args.iters} steps", flush=True)
+    rows = []
+    for model_name in args.models:
+        rows += benchmark_model(model_name, args.variants, args, device)
+    headers = ["model", "variant", "first it. (s, incl. compile)", "step (s)", "images/s"]
+    if "eager" in args.variants:
+        headers += ["vs eager", f"max rel. loss diff, {args.compare_iters} it."]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
