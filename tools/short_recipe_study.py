@@ -28,6 +28,11 @@ busy with other work, ``--budget cpu`` gives plain the CPU seconds that ours' pr
 
     python tools/short_recipe_study.py                             # the three default sets
     python tools/short_recipe_study.py --sets wide --ours "--lr 0.05 --jitter 0"
+
+Comparing several candidate recipes: the plain loop does not depend on ours' options, only on
+the time it is given, so ``--reuse-plain`` takes a plain result already in ``results.jsonl`` for
+the same toy set and budget kind when its time is within 3% of the new ours' time (the table
+marks it), and runs plain again otherwise.
 """
 
 import pathlib
@@ -204,6 +209,22 @@ def evaluate_miou(model: torch.nn.Module, root: Path) -> float:
     return float(iou_from_confusion(conf)[1])
 
 
+def reusable_plain(results: Path, generator: dict, budget: str, seconds: float,
+                   tolerance: float = 0.03) -> dict | None:
+    """The newest plain result of ``results`` for this toy set and budget kind whose time is
+    within ``tolerance`` (relative) of ``seconds``, or None."""
+    if not results.is_file():
+        return None
+    key = "cpu_seconds" if budget == "cpu" else "seconds"
+    found = None
+    for line in results.read_text().splitlines():
+        row = json.loads(line)
+        if (row["generator"] == generator and row["budget"] == budget
+                and abs(row["plain"][key] - seconds) <= tolerance * seconds):
+            found = row["plain"]
+    return found
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,6 +239,9 @@ def main(argv=None) -> None:
     parser.add_argument("--generator", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override generate_toy_cityscapes arguments of every set, e.g. "
                              "n_train=4 n_val=2 height=64 width=128 (a quick check of the script)")
+    parser.add_argument("--reuse-plain", action="store_true",
+                        help="take plain's result from results.jsonl when one of the same set "
+                             "and budget kind had a time within 3%% of ours'")
     args = parser.parse_args(argv)
     overrides = {key: (float(value) if "." in value else int(value))
                  for key, value in (item.split("=", 1) for item in args.generator)}
@@ -241,13 +265,19 @@ def main(argv=None) -> None:
         print(f"{datetime.now():%H:%M:%S} {name}: ours {100 * ours['miou']:.1f}% in "
               f"{ours[budget_key]:.0f} s ({ours['iterations']} it); plain starts with the same "
               f"budget, load {load_plain:.2f}", flush=True)
-        if args.budget == "cpu":
+        reused = (reusable_plain(work / "results.jsonl", generator, args.budget,
+                                 ours[budget_key]) if args.reuse_plain else None)
+        if reused is not None:
+            plain = {**reused, "reused": True}
+        elif args.budget == "cpu":
             plain = run_plain(root, ours["cpu_seconds"], clock=time.process_time)
             plain["cpu_seconds"] = plain["seconds"]
         else:
             plain = run_plain(root, ours["seconds"])
-        plain["miou"] = evaluate_miou(plain.pop("model"), root)
-        print(f"{datetime.now():%H:%M:%S} {name}: plain {100 * plain['miou']:.1f}% in "
+        if "model" in plain:
+            plain["miou"] = evaluate_miou(plain.pop("model"), root)
+        mark = " (reused)" if reused else ""
+        print(f"{datetime.now():%H:%M:%S} {name}: plain{mark} {100 * plain['miou']:.1f}% in "
               f"{plain[budget_key]:.0f} s ({plain['iterations']} it)", flush=True)
         row = {"set": name, "budget": args.budget, "generator": generator,
                "colour_baseline": colour_miou,
@@ -263,9 +293,10 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         o, p = r["ours"], r["plain"]
+        mark = " (reused)" if p.get("reused") else ""
         print(f"| {r['set']} | {100 * r['colour_baseline']:.1f}% | {100 * o['miou']:.1f}% "
               f"| {100 * p['miou']:.1f}% | {o[budget_key]:.0f} s / {o['iterations']} "
-              f"| {p[budget_key]:.0f} s / {p['iterations']} "
+              f"| {p[budget_key]:.0f} s / {p['iterations']}{mark} "
               f"| {r['load_ours']:.2f}, {r['load_plain']:.2f} |")
 
 
