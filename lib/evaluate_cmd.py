@@ -33,6 +33,7 @@ from lib.evaluator import (
 )
 from lib.logger import setup_logging
 from lib.models import MODEL_NAMES
+from lib.monitor import interactive
 from lib.published import NAMES_HELP
 from lib.runs import default_checkpoint
 from lib.runtimes import RUNTIME_NAMES, RuntimeUnavailable, build_runtime
@@ -222,7 +223,7 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
                                   ignore_index=cfg.ignore_index)
     results = evaluate(model, dataset, cfg.n_classes, options, device=dist_info.device,
                        ignore_index=cfg.ignore_index, writer=writer,
-                       progress=dist_info.is_main)
+                       progress=dist_info.is_main and interactive())
     summary: dict[str, Any] = {}
     labelled = any(int(conf.sum()) > 0 for conf in results.values())
     if dist_info.is_main:

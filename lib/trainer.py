@@ -658,7 +658,7 @@ def _evaluate_at_end(cfg, dist_info, out_dir, info, model, ema: WeightEma | None
         inference_model = to_inference_form(module)
         results = evaluate(inference_model, val_set, cfg.n_classes, options,
                            device=dist_info.device, ignore_index=cfg.ignore_index,
-                           progress=dist_info.is_main)
+                           progress=dist_info.is_main and interactive())
         if not dist_info.is_main:
             continue
         logger.info("validation%s (%d images; %s):\n%s", " of the EMA weights" if suffix else "",

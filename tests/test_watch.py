@@ -83,7 +83,7 @@ def watched_run(toy_root, tmp_path_factory):
     proc = subprocess.run(_command(toy_root, out), cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, (out / "train.log").read_text()
+    return out, (out / "train.log").read_text(), proc.stdout + proc.stderr
 
 
 def _label_of(image_path: str) -> np.ndarray:
@@ -130,7 +130,7 @@ def _assert_panels(panel: np.ndarray, image_path: str, lean: nn.Module, cfg: Tra
 
 
 def test_validation_keeps_the_best_model_of_the_logged_mious(watched_run, toy_root):
-    out, log = watched_run
+    out, log, _ = watched_run
     logged = {int(it): {"raw": float(raw), "ema": float(ema)}
               for it, raw, ema in VAL_LINE.findall(log)}
     assert sorted(logged) == [2, 4]
@@ -158,7 +158,7 @@ def test_validation_keeps_the_best_model_of_the_logged_mious(watched_run, toy_ro
 
 
 def test_event_files_hold_the_scalars_and_images(watched_run, toy_root):
-    out, log = watched_run
+    out, log, _ = watched_run
     events = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
@@ -196,7 +196,7 @@ def test_event_files_hold_the_scalars_and_images(watched_run, toy_root):
 
 
 def test_pictures_after_training(watched_run, toy_root):
-    out, log = watched_run
+    out, log, _ = watched_run
     example = re.search(r"prediction of (\S+) written to (\S+)", log)
     assert example[2] == str(out / "example_prediction.png")
     cfg = TrainConfig(data_root=str(toy_root))
@@ -210,7 +210,7 @@ def test_pictures_after_training(watched_run, toy_root):
 
 
 def test_ema_weights_differ_from_the_raw_ones_and_are_saved_beside_them(watched_run):
-    out, log = watched_run
+    out, log, _ = watched_run
     raw = load_checkpoint(out / "model_final.pth")
     ema = load_checkpoint(out / "model_final_ema.pth")
     assert "optimizer" not in ema and ema["iteration"] == MAX_ITER
@@ -264,7 +264,7 @@ def _read_all(fd: int, chunks: list[bytes]) -> None:
 
 def test_interrupted_and_resumed_equals_uninterrupted_with_ema_and_best_model(
         watched_run, toy_root, tmp_path):
-    reference, _ = watched_run
+    reference, _, _ = watched_run
     out = tmp_path / "run"
     command = _command(toy_root, out, "--no-tensorboard")
     proc = subprocess.Popen(command + ["--no-eval-at-end"], cwd=REPO, env=ENV,
@@ -315,6 +315,15 @@ def test_interrupted_and_resumed_equals_uninterrupted_with_ema_and_best_model(
         assert torch.equal(value, best["state_dict"][key]), key
     for name in ("model_final_ema.pth", "curves.png"):
         assert (out / name).is_file()
+
+
+def test_a_pipe_gets_log_lines_and_no_progress_bars(watched_run):
+    _, log, console = watched_run
+    # the label check, the iterations, the validations and the final evaluation all ran ...
+    assert "checking every label" in log and f"iter {MAX_ITER}/{MAX_ITER}" in log
+    assert "validation (" in log and "validation at iteration" in console
+    # ... and none of them drew a tqdm bar ("  50%|#####     | 1/2") into the pipe
+    assert not re.search(r"\d+%\|", console), console
 
 
 def test_prediction_panel_pixels_and_legend():
