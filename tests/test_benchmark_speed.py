@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +28,26 @@ def test_table_rows_are_consistent_with_the_measured_peak():
         assert abs(fps - 1000 / latency_ms) <= 0.05 + 1000 * 0.05 / (latency_ms - 0.05) ** 2
         assert abs(limit_ms - 1000 * gflops / peak) <= 0.015 * limit_ms  # 3 significant digits each
         assert abs(ratio - latency_ms / limit_ms) <= 0.01 + 0.02 * ratio
+
+
+def _resident_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_peak_memory_of_a_variant_is_its_own_not_its_parents():
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("no /proc: the fallback, ru_maxrss, is all there is")
+    ballast = np.ones(768 * 2**20, np.uint8)  # 768 MiB resident in this (parent) process
+    parent = _resident_mib()
+    done = subprocess.run(
+        [sys.executable, "-c", "from tools.benchmark_speed import peak_rss_mib; "
+         "import numpy as np; a = np.ones(256 * 2**20, np.uint8); print(peak_rss_mib())"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    child = float(done.stdout.split()[-1])
+    assert ballast.sum() == ballast.size
+    # the child's own 256 MiB are counted; the parent's 768 MiB ballast is not
+    assert child >= 256
+    assert child < parent - 512, (child, parent)

@@ -73,6 +73,21 @@ def matmul_peak_gflops(device: torch.device, n: int | None = None, repeats: int 
     return 2 * n**3 / best / 1e9
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB.
+
+    Linux's ``VmHWM`` counts this program's own memory only; ``ru_maxrss``, the fallback on
+    other systems, also keeps the parent's resident size at the time the process was started
+    (it survives ``exec``), which would charge every variant with the parent's exported graphs.
+    """
+    status = pathlib.Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def variants(device: torch.device) -> list[tuple[str, str]]:
     """(runtime, precision) pairs worth measuring on ``device``."""
     if device.type == "cuda":
@@ -119,7 +134,7 @@ def measure(runner, size: tuple[int, int], out_size: tuple[int, int], batch: int
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process
+        peak = peak_rss_mib()  # whole process
     return {"latency": statistics.median(times), "peak_mib": peak}
 
 
