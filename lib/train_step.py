@@ -4,11 +4,11 @@ Neither option changes what is computed (the losses equal those of the eager, co
 step to float rounding; tests/test_train_step.py), only how fast. The defaults per device come
 from ``tools/benchmark_train.py``, run side by side on each kind of device:
 
-* channels-last: on by default on CUDA, the layout the trainer has always used there (README,
-  Speed: BiSeNetV2's fp16 depth-wise convolutions were slow on an H100 in NCHW); off on the CPU
-  until the benchmark shows it faster there (``CHANNELS_LAST_DEFAULT``).
-* compile: off by default. On the CPU compiling the forward and backward graphs of BiSeNetV2
-  takes minutes, more than a short run such as the quickstart (800 iterations) can win back.
+* channels-last: on by default on CUDA, the layout the trainer has always used there (not yet
+  measured against NCHW by the benchmark on a GPU); off on the CPU, where it was 1-2% faster for
+  V1 and V2, within the noise (``CHANNELS_LAST_DEFAULT``).
+* compile: off by default. On a 2-core AVX2 CPU the compiled step of BiSeNetV2 was 21% slower
+  than eager, after 3 minutes of compiling (README, Training).
 
 The model that checkpoints save is never the compiled wrapper: ``torch.compile`` returns a new
 module whose state-dict keys carry an ``_orig_mod.`` prefix, so only the module *called* for the
@@ -24,7 +24,7 @@ from torch import nn
 
 # Device type -> whether channels-last is the default memory format of the training step.
 # Measured with tools/benchmark_train.py (see README, Training): on the CPU the channels-last
-# step of BiSeNetV2 was not faster than the contiguous one (V1 not measured yet).
+# step was not clearly faster than the contiguous one (1-2% for V1 and V2).
 CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": False}
 
 
