@@ -1,8 +1,8 @@
 """How the training step is executed: memory format and ``torch.compile``.
 
 Neither option changes what is computed (the losses equal those of the eager, contiguous fp32
-step to float rounding; tests/test_train_step.py), only how fast. The defaults per device come
-from ``tools/benchmark_train.py``, run side by side on each kind of device:
+step to float rounding; tests/test_train_step.py), only how fast. ``tools/benchmark_train.py``
+measures every variant side by side on a device; the defaults per device:
 
 * channels-last: on by default on CUDA, the layout the trainer has always used there (not yet
   measured against NCHW by the benchmark on a GPU); off on the CPU, where it was 1-2% faster for
