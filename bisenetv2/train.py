@@ -46,7 +46,7 @@ PUBLISHED = replace(
     sync_bn=True,
 )
 
-# About 8 minutes on a 2-core laptop CPU: the toy Cityscapes dataset (generated on first use,
+# About 10 minutes on a 2-core CPU with AVX-512: the toy Cityscapes dataset (generated on first use,
 # 128x256 images), smaller crops and far fewer iterations, and no colour jitter: on a short run
 # it costs far more than it regularises wherever colour carries meaning (about 9 mIoU points on
 # toy scenes whose colours are partly informative), as it does in real street scenes. Scales
