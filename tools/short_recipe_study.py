@@ -32,7 +32,9 @@ busy with other work, ``--budget cpu`` gives plain the CPU seconds that ours' pr
 Comparing several candidate recipes: the plain loop does not depend on ours' options, only on
 the time it is given, so ``--reuse-plain`` takes a plain result already in ``results.jsonl`` for
 the same toy set and budget kind when its time is within 3% of the new ours' time (the table
-marks it), and runs plain again otherwise.
+marks it), and runs plain again otherwise. ``--seed N`` repeats a comparison with another
+training seed of both (the toy sets stay the same), since one run on 16-24 validation images is
+noisy.
 """
 
 import pathlib
@@ -210,9 +212,9 @@ def evaluate_miou(model: torch.nn.Module, root: Path) -> float:
 
 
 def reusable_plain(results: Path, generator: dict, budget: str, seconds: float,
-                   tolerance: float = 0.03) -> dict | None:
-    """The newest plain result of ``results`` for this toy set and budget kind whose time is
-    within ``tolerance`` (relative) of ``seconds``, or None."""
+                   tolerance: float = 0.03, seed: int = 0) -> dict | None:
+    """The newest plain result of ``results`` for this toy set, budget kind and training seed
+    whose time is within ``tolerance`` (relative) of ``seconds``, or None."""
     if not results.is_file():
         return None
     key = "cpu_seconds" if budget == "cpu" else "seconds"
@@ -220,6 +222,7 @@ def reusable_plain(results: Path, generator: dict, budget: str, seconds: float,
     for line in results.read_text().splitlines():
         row = json.loads(line)
         if (row["generator"] == generator and row["budget"] == budget
+                and row.get("seed", 0) == seed
                 and abs(row["plain"][key] - seconds) <= tolerance * seconds):
             found = row["plain"]
     return found
@@ -239,6 +242,9 @@ def main(argv=None) -> None:
     parser.add_argument("--generator", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override generate_toy_cityscapes arguments of every set, e.g. "
                              "n_train=4 n_val=2 height=64 width=128 (a quick check of the script)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed of both ours (--seed) and plain (data order, "
+                             "augmentation, initialisation); the toy sets stay the same")
     parser.add_argument("--reuse-plain", action="store_true",
                         help="take plain's result from results.jsonl when one of the same set "
                              "and budget kind had a time within 3%% of ours'")
@@ -247,7 +253,7 @@ def main(argv=None) -> None:
                  for key, value in (item.split("=", 1) for item in args.generator)}
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    extra = shlex.split(args.ours)
+    extra = shlex.split(args.ours) + (["--seed", str(args.seed)] if args.seed else [])
     budget_key = "cpu_seconds" if args.budget == "cpu" else "seconds"
     rows = []
     for name in args.sets:
@@ -256,7 +262,8 @@ def main(argv=None) -> None:
         if not (root / "leftImg8bit").is_dir():
             generate_toy_cityscapes(root, **generator)
         colour_miou = colour_baseline_miou(root)[0]
-        out_dir = work / "ours" / (name + (f"_{args.tag}" if args.tag else ""))
+        out_dir = work / "ours" / (name + (f"_{args.tag}" if args.tag else "")
+                                   + (f"_seed{args.seed}" if args.seed else ""))
         load_ours = load_average()
         print(f"{datetime.now():%H:%M:%S} {name}: ours starts, load {load_ours:.2f}", flush=True)
         ours = run_ours(root, out_dir, extra)
@@ -266,20 +273,21 @@ def main(argv=None) -> None:
               f"{ours[budget_key]:.0f} s ({ours['iterations']} it); plain starts with the same "
               f"budget, load {load_plain:.2f}", flush=True)
         reused = (reusable_plain(work / "results.jsonl", generator, args.budget,
-                                 ours[budget_key]) if args.reuse_plain else None)
+                                 ours[budget_key], seed=args.seed)
+                   if args.reuse_plain else None)
         if reused is not None:
             plain = {**reused, "reused": True}
         elif args.budget == "cpu":
-            plain = run_plain(root, ours["cpu_seconds"], clock=time.process_time)
+            plain = run_plain(root, ours["cpu_seconds"], seed=args.seed, clock=time.process_time)
             plain["cpu_seconds"] = plain["seconds"]
         else:
-            plain = run_plain(root, ours["seconds"])
+            plain = run_plain(root, ours["seconds"], seed=args.seed)
         if "model" in plain:
             plain["miou"] = evaluate_miou(plain.pop("model"), root)
         mark = " (reused)" if reused else ""
         print(f"{datetime.now():%H:%M:%S} {name}: plain{mark} {100 * plain['miou']:.1f}% in "
               f"{plain[budget_key]:.0f} s ({plain['iterations']} it)", flush=True)
-        row = {"set": name, "budget": args.budget, "generator": generator,
+        row = {"set": name, "budget": args.budget, "generator": generator, "seed": args.seed,
                "colour_baseline": colour_miou,
                "ours_options": args.ours, "tag": args.tag, "ours": ours, "plain": plain,
                "load_ours": load_ours, "load_plain": load_plain}
@@ -287,7 +295,8 @@ def main(argv=None) -> None:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
 
-    print(f"\nours: --quickstart {args.ours}".rstrip() + f"; equal {args.budget} time")
+    print(f"\nours: --quickstart {args.ours}".rstrip()
+          + f"; training seed {args.seed}; equal {args.budget} time")
     print("| toy set | colour-only | ours mIoU | plain mIoU | ours time / iterations "
           "| plain time / iterations | load at start (ours, plain) |")
     print("|---|---|---|---|---|---|---|")
