@@ -246,8 +246,8 @@ def main(argv=None) -> None:
                         help="training seed of both ours (--seed) and plain (data order, "
                              "augmentation, initialisation); the toy sets stay the same")
     parser.add_argument("--reuse-plain", action="store_true",
-                        help="take plain's result from results.jsonl when one of the same set, seed "
-                             "and budget kind had a time within 3%% of ours'")
+                        help="take plain's result from results.jsonl when one of the same "
+                             "set, seed and budget kind had a time within 3%% of ours'")
     args = parser.parse_args(argv)
     overrides = {key: (float(value) if "." in value else int(value))
                  for key, value in (item.split("=", 1) for item in args.generator)}
