@@ -25,17 +25,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.checkpoint import CheckpointError, load_model
-from lib.data import IMAGE_EXTENSIONS
-from lib.datasets import DATASETS
-from lib.datasets.cityscapes import MEAN, STD
-from lib.distributed import select_device
-from lib.inference import normalise
-from lib.models import MODEL_NAMES
-from lib.published import NAMES_HELP
-from lib.runs import default_checkpoint
-from lib.runtimes import RUNTIME_NAMES, RuntimeUnavailable, build_runtime
-from lib.visualize import colourise, make_palette
+from lib.common.distributed import select_device
+from lib.common.visualize import colourise, make_palette
+from lib.data.dataset import IMAGE_EXTENSIONS
+from lib.data.datasets import DATASETS
+from lib.data.datasets.cityscapes import MEAN, STD
+from lib.deployment.examples import normalise
+from lib.deployment.runtimes import RUNTIME_NAMES, RuntimeUnavailable, build_runtime
+from lib.models.checkpoint import CheckpointError, load_model
+from lib.models.published import NAMES_HELP
+from lib.models.registry import MODEL_NAMES
+from lib.training.runs import default_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:

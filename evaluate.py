@@ -8,7 +8,7 @@ The model and class count are read from the checkpoint (or inferred from a bare 
 ``--model`` overrides), and so are the dataset and its protocol (``--dataset`` overrides).
 """
 
-from lib.evaluate_cmd import main
+from lib.evaluation.command import main
 
 if __name__ == "__main__":
     main()

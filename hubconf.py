@@ -10,7 +10,7 @@ checkpoint, or None for a random initialisation. ``n_classes`` other than the we
 re-initialises the class layers (as ``--finetune-from`` does). The model comes back in eval mode,
 with its auxiliary heads (the published layout); it returns logits at the input resolution for an
 RGB image scaled to [0, 1] and normalised with the dataset's mean and std
-(``lib.datasets.cityscapes.MEAN``/``STD``, ``lib.datasets.DATASETS[name].mean``/``std``).
+(``lib.data.datasets.cityscapes.MEAN``/``STD``, ``lib.data.datasets.DATASETS[name].mean``/``std``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from pathlib import Path
 
 from torch import nn
 
-from lib.checkpoint import load_model
-from lib.models import build_model
-from lib.published import PUBLISHED
-from lib.trainer import load_finetune_weights
+from lib.models.checkpoint import load_finetune_weights, load_model
+from lib.models.published import PUBLISHED
+from lib.models.registry import build_model
 
 dependencies = ["torch", "torchvision", "numpy", "cv2"]
 

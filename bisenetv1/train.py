@@ -10,10 +10,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dataclasses import replace  # noqa: E402
-
-from lib.config import TrainConfig, for_dataset  # noqa: E402
-from lib.trainer import main  # noqa: E402
+from lib.training.config import TrainConfig, for_dataset
+from lib.training.trainer import main
 
 # The recipe of the seed (78.45 mIoU, multi-scale-flip crops) and of the published
 # model_final_v1_city_new.pth (75.44 ss / 76.94 ssc / 77.45 msf / 78.86 mscf): 8 images on each
@@ -53,8 +51,8 @@ COCO = for_dataset(
     eval_crop_size=(512, 512),
     eval_short_side=None,
 )
-ADE20K = replace(
-    for_dataset(COCO, "ade20k", eval_crop_size=(512, 512), eval_short_side=512),
+ADE20K = for_dataset(
+    COCO, "ade20k", eval_crop_size=(512, 512), eval_short_side=512,
     data_root="data/ADEChallengeData2016",
     max_iter=40_000,
     lr=4e-2,

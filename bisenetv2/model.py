@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lib.layers import ConvBNReLU, global_average, resize_to
+from lib.models.layers import ConvBNReLU, global_average, resize_to
 
 __all__ = ["BiSeNetV2"]
 

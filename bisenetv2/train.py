@@ -12,10 +12,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dataclasses import replace  # noqa: E402
-
-from lib.config import TrainConfig, for_dataset  # noqa: E402
-from lib.trainer import main  # noqa: E402
+from lib.training.config import TrainConfig, for_dataset
+from lib.training.trainer import main
 
 # The paper's Cityscapes recipe (section 4.1), with the seed's tips, which gave 74.39 mIoU (ss):
 # 150k iterations of 16 images, 512x1024 crops of images rescaled in (0.25, 2.0) (the paper's
@@ -37,8 +35,7 @@ RECIPE = TrainConfig(
 # The recipe of the published model_final_v2_city.pth (74.95 ss / 75.58 ssc / 76.53 msf /
 # 77.08 mscf): lr 5e-3 with 10x on the head and booster heads, detail and semantic branches from
 # the ImageNet-pretrained backbone_v2.pth, fp16 autocast and SyncBatchNorm (2 GPUs x 8 images).
-PUBLISHED = replace(
-    RECIPE,
+PUBLISHED = RECIPE.replace(
     pretrained="auto",
     lr=5e-3,
     head_lr_mult=10.0,
@@ -52,8 +49,7 @@ PUBLISHED = replace(
 # toy scenes whose colours are partly informative), as it does in real street scenes. Scales
 # down to 0.5, so that crops of images larger than the crop also show whole scenes: with 0.75 the
 # recipe lost to a plain loop on 256x512 toy images (tools/short_recipe_study.py, README).
-QUICKSTART = replace(
-    RECIPE,
+QUICKSTART = RECIPE.replace(
     data_root="data/toy_cityscapes",
     generate_toy=True,
     crop_size=(128, 256),

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from lib.evaluate_cmd import main  # noqa: E402
+from lib.evaluation.command import main
 
 if __name__ == "__main__":
     main(default_ckpt="res/diss/model_final.pth", model_name="diss")

@@ -8,13 +8,11 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dataclasses import replace  # noqa: E402
-
-from bisenetv1.train import RECIPE as V1_RECIPE  # noqa: E402
-from lib.trainer import main  # noqa: E402
+from bisenetv1.train import RECIPE as V1_RECIPE
+from lib.training.trainer import main
 
 # Same training tricks as BiSeNetV1; only the network differs.
-RECIPE = replace(V1_RECIPE, model="diss")
+RECIPE = V1_RECIPE.replace(model="diss")
 
 if __name__ == "__main__":
     main(RECIPE, description=__doc__)

@@ -11,12 +11,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dataclasses import replace  # noqa: E402
+from bisenetv1.train import RECIPE as V1_RECIPE
+from lib.training.trainer import main
 
-from bisenetv1.train import RECIPE as V1_RECIPE  # noqa: E402
-from lib.trainer import main  # noqa: E402
-
-RECIPE = replace(V1_RECIPE, fp16=True, sync_bn=True, runs_dir="res/fp16")
+RECIPE = V1_RECIPE.replace(fp16=True, sync_bn=True, runs_dir="res/fp16")
 
 if __name__ == "__main__":
     main(RECIPE, description=__doc__)

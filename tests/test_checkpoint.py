@@ -3,16 +3,9 @@ import os
 import pytest
 import torch
 
-from lib.checkpoint import (
-    CheckpointError,
-    latest_usable_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_model,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from lib.models import build_model
+from lib.models.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from lib.models.registry import build_model
+from lib.training.runs import latest_usable_checkpoint, list_checkpoints, prune_checkpoints
 
 
 def _checkpoint(model, name="bisenetv2", n_classes=5, iteration=0):

@@ -6,14 +6,14 @@ import cv2
 import numpy as np
 import pytest
 
-from lib.datasets.cityscapes import (
+from lib.common.visualize import cityscapes_palette, colourise, make_palette
+from lib.data.datasets.cityscapes import (
     CLASS_NAMES,
     LABEL_ID_TO_TRAIN_ID,
     PALETTE,
     TRAIN_ID_TO_LABEL_ID,
     find_cityscapes_pairs,
 )
-from lib.visualize import cityscapes_palette, colourise, make_palette
 
 
 def test_label_table_equals_the_official_one_for_every_id():
@@ -85,8 +85,8 @@ def test_palettes_and_colourise():
 
 def test_product_does_not_need_cityscapesscripts():
     code = ("import sys; sys.modules['cityscapesscripts'] = None\n"
-            "import lib.datasets.cityscapes, lib.data, lib.toy_cityscapes, lib.transforms, "
-            "lib.visualize")
+            "import lib.data.datasets.cityscapes, lib.data.dataset, lib.data.toy_cityscapes, "
+            "lib.data.transforms, lib.common.visualize")
     root = pathlib.Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr  # an import of cityscapesscripts fails here

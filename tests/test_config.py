@@ -5,7 +5,7 @@ from bisenetv2.train import PUBLISHED, QUICKSTART
 from bisenetv2.train import RECIPE as V2_RECIPE
 from diss.train import RECIPE as DISS_RECIPE
 from fp16.train import RECIPE as FP16_RECIPE
-from lib.config import TrainConfig, parse_config
+from lib.training.config import TrainConfig, parse_config
 
 
 def test_recipe_values_are_the_defaults_and_options_override_them():

@@ -5,7 +5,6 @@ import itertools
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -13,13 +12,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.config import TrainConfig
-from lib.data import build_dataset
-from lib.models import build_model
-from lib.sampler import InfiniteShardedSampler
-from lib.trainer import load_finetune_weights
-from lib.transforms import to_tensor
+from lib.data.dataset import build_dataset
+from lib.data.sampler import InfiniteShardedSampler
+from lib.data.transforms import to_tensor
+from lib.models.checkpoint import load_checkpoint, load_finetune_weights, save_checkpoint
+from lib.models.registry import build_model
+from lib.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -200,11 +198,11 @@ def test_label_map_values_are_what_the_training_batches_carry(tmp_path):
     root = _make_list_dataset(tmp_path)
     # The trainer's training set and loader; crop = image size, scale 1 and no jitter, so the
     # only geometric change left is the random horizontal flip, read back from the image.
-    cfg = replace(TrainConfig(), dataset="list", data_root=str(root),
+    cfg = TrainConfig().replace(dataset="list", data_root=str(root),
                   train_list=str(root / "train.txt"), val_list=str(root / "val.txt"),
                   label_map=str(root / "map.json"), n_classes=3, crop_size=(48, 64),
                   scale_range=(1.0, 1.0), jitter=0.0, batch_size=2)
-    train_set = build_dataset(cfg, "train", train=True, check_labels=True)
+    train_set = build_dataset(cfg.data, "train", cfg.train_transform(), check_labels=True)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=0,
                         sampler=InfiniteShardedSampler(len(train_set), cfg.batch_size))
     order = itertools.islice(iter(InfiniteShardedSampler(len(train_set), cfg.batch_size)), 8)
@@ -216,9 +214,9 @@ def test_label_map_values_are_what_the_training_batches_carry(tmp_path):
         raw = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
         expected = np.array([[RAW_TO_CLASS.get(int(v), 255) for v in row] for row in raw])
         rgb = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
-        flipped = not torch.equal(image, to_tensor(rgb, cfg.mean, cfg.std))
+        flipped = not torch.equal(image, to_tensor(rgb, cfg.data.mean, cfg.data.std))
         if flipped:
-            assert torch.equal(image, to_tensor(rgb[:, ::-1].copy(), cfg.mean, cfg.std))
+            assert torch.equal(image, to_tensor(rgb[:, ::-1].copy(), cfg.data.mean, cfg.data.std))
             expected = expected[:, ::-1]
         assert label.dtype == torch.int64
         assert torch.equal(label, torch.from_numpy(np.ascontiguousarray(expected))), label_path

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from lib.data import (
+from lib.data.dataset import (
     SegmentationDataset,
     find_folder_pairs,
     read_annotation_list,
     read_label_map,
 )
-from lib.transforms import EvalTransform, TrainTransform
+from lib.data.transforms import EvalTransform, TrainTransform
 
 
 def _write(path, array):

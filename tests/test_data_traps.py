@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from lib.config import TrainConfig
-from lib.data import build_dataset, dataset_info, dataset_pairs, read_image
-from lib.dataset_check import check_pairs
-from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID
-from lib.toy_cityscapes import generate_toy_cityscapes
+from lib.data.checks import check_pairs
+from lib.data.dataset import build_dataset, dataset_info, dataset_pairs, read_image
+from lib.data.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,16 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 def toy(tmp_path):
     root = generate_toy_cityscapes(tmp_path / "toy", n_train=3, n_val=1, n_test=1, height=64,
                                    width=128)
-    return TrainConfig(data_root=str(root), crop_size=(64, 128), check_data=True)
+    return TrainConfig().replace(data_root=str(root), crop_size=(64, 128), check_data=True)
 
 
 def _labels(cfg, split="train"):
-    return [label for _, label in dataset_pairs(cfg, split)]
+    return [label for _, label in dataset_pairs(cfg.data, split)]
 
 
 def _check(cfg, split="train"):
-    info = dataset_info(cfg)
-    return check_pairs(dataset_pairs(cfg, split), cfg.n_classes, cfg.ignore_index, info.label_lut,
+    info = dataset_info(cfg.data)
+    return check_pairs(dataset_pairs(cfg.data, split), cfg.data.n_classes, cfg.data.ignore_index,
+    info.label_lut,
                        valid_raw=info.valid_raw, workers=1)
 
 
@@ -50,9 +51,9 @@ def test_train_id_png_given_as_labelids_is_reported_with_the_fix(toy):
     assert "looks like a *_labelTrainIds.png" in problem.detail
     assert "--dataset folders" in problem.detail  # the fix
     with pytest.raises(ValueError, match=r"(?s)1 problem\(s\) in the train split.*labelTrainIds"):
-        build_dataset(toy, "train", train=True, check_labels=True)
+        build_dataset(toy.data, "train", toy.train_transform(), check_labels=True)
     # reading the sample (no start-up scan) says the same, naming the file
-    dataset = build_dataset(toy, "train", train=True, check_labels=False)
+    dataset = build_dataset(toy.data, "train", toy.train_transform(), check_labels=False)
     with pytest.raises(ValueError, match=re.escape(str(label)) + ".*labelTrainIds"):
         dataset[1]
 
@@ -65,7 +66,7 @@ def test_value_that_is_no_cityscapes_label_id_is_reported_with_file_and_value(to
     (problem,) = _check(toy, "val").problems
     assert problem.kind == "unknown label id" and problem.path == str(label)
     assert "[200]" in problem.detail and "not Cityscapes label ids" in problem.detail
-    dataset = build_dataset(toy, "val", train=False)
+    dataset = build_dataset(toy.data, "val")
     with pytest.raises(ValueError, match=re.escape(str(label)) + r".*\[200\]"):
         dataset[0]
 
@@ -99,22 +100,22 @@ def test_jpeg_exif_rotation_is_ignored_like_for_the_png_label(tmp_path):
     decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
     assert np.array_equal(read_image(path), decoded)  # as stored, like the label
 
-    cfg = TrainConfig(dataset="folders", data_root=str(tmp_path), n_classes=2,
+    cfg = TrainConfig().replace(dataset="folders", data_root=str(tmp_path), n_classes=2,
                       crop_size=(48, 64), scale_range=(1.0, 1.0))
-    image_t, label_t = build_dataset(cfg, "val", train=False, check_labels=True)[0]
+    image_t, label_t = build_dataset(cfg.data, "val", check_labels=True)[0]
     assert image_t.shape == (3, 48, 64) and torch.equal(label_t, torch.from_numpy(label).long())
-    info = dataset_info(cfg)
-    report = check_pairs(dataset_pairs(cfg, "train"), 2, 255, info.label_lut,
+    info = dataset_info(cfg.data)
+    report = check_pairs(dataset_pairs(cfg.data, "train"), 2, 255, info.label_lut,
                          decode_images=True, workers=1)
     assert report.ok, report.problems
 
 
 def test_plain_integer_indexing_works_on_every_split(toy):
     for split, train in (("train", True), ("val", False), ("test", False)):
-        image, label = build_dataset(toy, split, train=train)[0]
+        image, label = build_dataset(toy.data, split, toy.train_transform() if train else None)[0]
         assert image.shape == (3, 64, 128) and label.shape == (64, 128)
         assert image.dtype == torch.float32 and label.dtype == torch.int64
-    assert (build_dataset(toy, "test", train=False)[0][1] == 255).all()
+    assert (build_dataset(toy.data, "test")[0][1] == 255).all()
 
 
 def test_pytorch_floor_is_the_same_in_readme_and_requirements():

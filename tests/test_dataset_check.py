@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lib.dataset_check import check_pairs, compute_mean_std, image_size
+from lib.data.checks import check_pairs, compute_mean_std, image_size
 
 
 def _write(path, array):

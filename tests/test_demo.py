@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import demo
-from lib.checkpoint import save_checkpoint
-from lib.inference import normalise
-from lib.models import build_model
-from lib.visualize import make_palette
+from lib.common.visualize import make_palette
+from lib.deployment.examples import normalise
+from lib.models.checkpoint import save_checkpoint
+from lib.models.registry import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 

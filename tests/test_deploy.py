@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from lib.deploy import fold_all_batchnorms, to_inference_form
-from lib.models import MODEL_NAMES, build_model
-from lib.runtimes.torch_eager import TorchRuntime
+from lib.deployment.inference import fold_all_batchnorms, to_inference_form
+from lib.deployment.runtimes.torch_eager import TorchRuntime
+from lib.models.registry import MODEL_NAMES, build_model
 
 
 def _randomise_batchnorms(model: nn.Module, seed: int = 0) -> None:

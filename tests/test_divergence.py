@@ -4,13 +4,13 @@ per-process batch rule only where BatchNorm needs it. A real (CPU) GradScaler sk
 import pytest
 import torch
 
-from lib.trainer import (
+from lib.training.divergence import (
     MAX_SKIPPED_STEPS,
     MIN_SCALE,
-    check_batch_split,
     count_skipped_steps,
     fp16_divergence,
 )
+from lib.training.setup import check_batch_split
 
 
 def _skipping_scaler_run(init_scale: float, finite: list[bool]):

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib.checkpoint import CHECKPOINT_PATTERN, load_checkpoint
-from lib.toy_cityscapes import generate_toy_cityscapes
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.models.checkpoint import load_checkpoint
+from lib.training.runs import CHECKPOINT_PATTERN
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

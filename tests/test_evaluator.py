@@ -4,7 +4,8 @@
 arithmetic of the public reference implementation's evaluation script that produced the published
 BiSeNet tables: whole-image passes at sizes rounded up to 32 with ``align_corners=True``, logits
 resized before the softmax; crops of stride ceil(2/3 crop), centred zero padding, per-crop
-``exp(softmax + flipped softmax)``, overlapping crops summed. Every mode of ``lib.evaluator`` must
+``exp(softmax + flipped softmax)``, overlapping crops summed. Every mode of
+``lib.evaluation.evaluator`` must
 give the same scores (to float rounding) and the same confusion matrices, on small random nets
 and on BiSeNetV1/V2 built from published-layout state dicts, for non-square images smaller and
 larger than the crop.
@@ -27,8 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, MEAN, PALETTE, STD, TRAIN_ID_TO_LABEL_ID
-from lib.evaluator import (
+from lib.data.datasets.cityscapes import (
+    LABEL_ID_TO_TRAIN_ID,
+    MEAN,
+    PALETTE,
+    STD,
+    TRAIN_ID_TO_LABEL_ID,
+)
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.evaluation.evaluator import (
     EvalOptions,
     PredictionWriter,
     centred_padding,
@@ -41,8 +49,7 @@ from lib.evaluator import (
     start_size,
     whole_image_size,
 )
-from lib.models import build_model
-from lib.toy_cityscapes import generate_toy_cityscapes
+from lib.models.registry import build_model
 from tests.test_models import expected_layout, random_state_from_listing
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lib.checkpoint import load_checkpoint
-from lib.toy_cityscapes import generate_toy_cityscapes
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.models.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}

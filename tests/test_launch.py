@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.distributed import Launch, expand_hostlist, resolve_launch, slurm_master_port
+from lib.common.distributed import Launch, expand_hostlist, resolve_launch, slurm_master_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_batch_script_and_plain_runs_are_single_processes():
 
 _WORKER = """
 import torch
-from lib import distributed
+from lib.common import distributed
 info = distributed.init_distributed("cpu")
 total = distributed.all_reduce_sum(torch.tensor([float(info.rank + 1)]))
 print(info.rank, info.world_size, info.local_rank, distributed.get_world_size(), int(total))

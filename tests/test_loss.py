@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.loss import OhemCrossEntropy
+from lib.training.loss import OhemCrossEntropy
 
 
 def _reference(logits, labels, thresh=0.7, ignore=255):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lib.lr_scheduler import WarmupPolyLR
+from lib.training.lr_scheduler import WarmupPolyLR
 
 
 def _optimizer():
@@ -72,7 +72,7 @@ def test_no_warmup_starts_at_base_lr_and_stays_zero_after_max_iter():
 
 
 def test_group_lr_mult_is_kept_through_the_initial_lr():
-    from lib.optim import build_optimizer
+    from lib.training.optim import build_optimizer
 
     model = torch.nn.Conv2d(2, 2, 1)
     model.head_modules = lambda: [model]

@@ -17,8 +17,8 @@ from tools_loader import load_tool
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lib.layers import ConvBNReLU, resize_to
-from lib.models import (
+from lib.models.layers import ConvBNReLU, resize_to
+from lib.models.registry import (
     MODEL_NAMES,
     build_model,
     infer_model_name,

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.checkpoint import load_checkpoint, load_model
-from lib.config import TrainConfig, parse_config
-from lib.data import build_dataset
-from lib.datasets import DATASETS
-from lib.datasets.toy import generate_toy
-from lib.deploy import to_inference_form
+from lib.data.dataset import build_dataset
+from lib.data.datasets import DATASETS
+from lib.data.datasets.toy import generate_toy
+from lib.deployment.inference import to_inference_form
+from lib.models.checkpoint import load_checkpoint, load_model
+from lib.training.config import TrainConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 64, 96  # multiples of 32: the demo feeds whole images to the model
@@ -109,8 +109,9 @@ def test_train_evaluate_save_and_demo_from_the_command_line(tmp_path, name, scri
 
     # the labels reach the loss and the evaluator mapped by the dataset's published convention
     cfg = parse_config(TrainConfig(), ["--dataset", name, "--data-root", str(root)])
-    assert (cfg.n_classes, cfg.mean, cfg.std) == (spec.n_classes, spec.mean, spec.std)
-    val_set = build_dataset(cfg, "val", train=False)
+    assert (cfg.data.n_classes, cfg.data.mean, cfg.data.std) == (
+        spec.n_classes, spec.mean, spec.std)
+    val_set = build_dataset(cfg.data, "val")
     raw_labels = [cv2.imread(str(label), cv2.IMREAD_UNCHANGED) for _, label in val_set.pairs]
     for i, raw in enumerate(raw_labels):
         assert np.array_equal(val_set[i][1].numpy(), raw_to_train(name, raw))
@@ -118,7 +119,7 @@ def test_train_evaluate_save_and_demo_from_the_command_line(tmp_path, name, scri
     cfg = parse_config(TrainConfig(), ["--dataset", name, "--data-root", str(root),
                                        "--crop-size", str(HEIGHT), str(WIDTH), "--scale-range",
                                        "1", "1"])
-    train_set = build_dataset(cfg, "train", train=True)
+    train_set = build_dataset(cfg.data, "train", cfg.train_transform())
     for i, (_, label_path) in enumerate(train_set.pairs):
         expected = raw_to_train(name, cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED))
         for seed in range(3):

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from lib.optim import build_optimizer
+from lib.training.optim import build_optimizer
 
 
 class Tiny(nn.Module):
@@ -65,7 +65,7 @@ def test_head_norm_params_get_10x_lr_without_decay_and_empty_groups_are_dropped(
 
 
 def test_real_model_parameters_are_partitioned():
-    from lib.models import build_model
+    from lib.models.registry import build_model
 
     model = build_model("bisenetv2", 19)
     opt = build_optimizer(model, lr=0.01)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from lib.models import build_model
-from lib.pretrained import load_pretrained_backbone
+from lib.models.pretrained import load_pretrained_backbone
+from lib.models.registry import build_model
 
 
 def fake_imagenet_resnet18(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -23,14 +23,18 @@ from test_models import expected_layout
 from tools_loader import load_tool
 
 import demo
-import lib.evaluate_cmd as evaluate_cmd
+import lib.evaluation.command as evaluate_cmd
 from bisenetv1.model import BiSeNetV1
 from bisenetv2.model import BiSeNetV2
-from lib import pretrained
-from lib.checkpoint import CheckpointError, load_checkpoint, load_model
-from lib.datasets import DATASETS
-from lib.models import build_model
-from lib.trainer import load_finetune_weights
+from lib.data.datasets import DATASETS
+from lib.models import pretrained
+from lib.models.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_finetune_weights,
+    load_model,
+)
+from lib.models.registry import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 # the normalisation of the published COCO-Stuff and ADE20K models (their training configs)

@@ -7,9 +7,9 @@ import torch
 from test_deploy import _randomise_batchnorms
 from tools_loader import load_tool
 
-from lib.datasets.cityscapes import MEAN, STD
-from lib.models import build_model
-from lib.toy_cityscapes import generate_toy_cityscapes
+from lib.data.datasets.cityscapes import MEAN, STD
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.models.registry import build_model
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from bisenetv2.train import QUICKSTART
-from lib.checkpoint import load_checkpoint, load_model
-from lib.toy_cityscapes import generate_toy_cityscapes
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.models.checkpoint import load_checkpoint, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}

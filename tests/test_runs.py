@@ -1,7 +1,6 @@
 """Runs that do not collide, and resume that honours the command line. Real training processes
 started from a scratch working directory (so ``res/`` is theirs), real files."""
 
-import dataclasses
 import hashlib
 import os
 import re
@@ -14,11 +13,12 @@ import torch
 
 import demo
 from bisenetv2.train import RECIPE
-from lib import trainer
-from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.config import TrainConfig, parse_config
-from lib.evaluate_cmd import main as evaluate_main
-from lib.runs import (
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.evaluation.command import main as evaluate_main
+from lib.models.checkpoint import load_checkpoint, save_checkpoint
+from lib.training import trainer
+from lib.training.config import TrainConfig, parse_config
+from lib.training.runs import (
     DEFINING_FIELDS,
     FREE_FIELDS,
     SCHEDULE_FIELDS,
@@ -27,7 +27,6 @@ from lib.runs import (
     new_run_dir,
     plan_run,
 )
-from lib.toy_cityscapes import generate_toy_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
@@ -130,7 +129,7 @@ def test_resume_applies_a_new_schedule_and_refuses_changed_run_options(toy_root,
 
 
 def test_every_config_field_has_a_resume_rule():
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    fields = list(TrainConfig().as_flat_dict())
     groups = DEFINING_FIELDS + SCHEDULE_FIELDS + FREE_FIELDS
     assert sorted(groups) == sorted(fields), set(fields) ^ set(groups)
 

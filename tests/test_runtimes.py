@@ -2,17 +2,15 @@
 
 import time
 import warnings
-from dataclasses import replace
 
 import pytest
 import torch
 from test_deploy import _randomise_batchnorms
 
-from lib.config import TrainConfig
-from lib.data import build_dataset
-from lib.evaluator import EvalOptions, evaluate
-from lib.models import build_model
-from lib.runtimes import (
+from lib.data.config import DataConfig
+from lib.data.dataset import build_dataset
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.deployment.runtimes import (
     RUNTIMES,
     AutoRuntime,
     RuntimeUnavailable,
@@ -20,8 +18,9 @@ from lib.runtimes import (
     onnx_graph,
     shape_class,
 )
-from lib.runtimes.torch_eager import TorchRuntime
-from lib.toy_cityscapes import generate_toy_cityscapes
+from lib.deployment.runtimes.torch_eager import TorchRuntime
+from lib.evaluation.evaluator import EvalOptions, evaluate
+from lib.models.registry import build_model
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def test_evaluation_through_runtime_gives_torch_confusion_matrix(name, model, gr
     # whole images at two scales and flipped, plus crops: inputs of many sizes
     root = generate_toy_cityscapes(tmp_path / "toy", n_train=0, n_val=2, height=70, width=150,
                                    seed=5)
-    dataset = build_dataset(replace(TrainConfig(), data_root=str(root)), "val", train=False)
+    dataset = build_dataset(DataConfig(data_root=str(root)), "val")
     options = EvalOptions(modes=("ss", "ssc", "msf"), scales=(0.75, 1.25), crop_size=(48, 64),
                           crop_batch=2)
     run = dict(device="cpu", progress=False, num_workers=0)

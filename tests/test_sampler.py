@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from lib.sampler import InfiniteShardedSampler
+from lib.data.sampler import InfiniteShardedSampler
 
 
 def _batches(sampler, n_iter):

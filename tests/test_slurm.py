@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.checkpoint import load_checkpoint
-from lib.toy_cityscapes import generate_toy_cityscapes
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.models.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "scancel", "squeue")

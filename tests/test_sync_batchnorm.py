@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lib.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
+from lib.training.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 
 WORLD = 2
 MOMENTA = (0.3, None)  # exponential and cumulative running averages
@@ -129,7 +129,7 @@ def test_single_process_and_eval_are_plain_batchnorm():
 
 
 def test_conversion_keeps_parameters_buffers_and_state_dict_keys():
-    from lib.models import build_model
+    from lib.models.registry import build_model
 
     torch.manual_seed(0)
     model = build_model("bisenetv2", 19, aux_heads=True)

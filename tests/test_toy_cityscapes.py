@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
-from lib.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes
+from lib.data.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
+from lib.data.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,8 @@ def test_cities_test_split_and_command_line(tmp_path):
     assert len(test) == 2 and test[0][1] is None
     assert test[0][0].name == "mainz_000000_000019_leftImg8bit.png"
     assert not (root / "gtFine" / "test").exists()
-    subprocess.run([sys.executable, "-m", "lib.toy_cityscapes", "--root", str(tmp_path / "cli"),
+    subprocess.run([sys.executable, "-m", "lib.data.toy_cityscapes", "--root", str(tmp_path /
+    "cli"),
                     "--n-train", "3", "--n-val", "1", "--height", "32", "--width", "64",
                     "--train-cities", "ulm"], cwd=REPO, check=True, capture_output=True)
     for split in ("train", "val"):
@@ -105,7 +106,8 @@ def test_variant_options_are_deterministic_and_reach_the_command_line(tmp_path):
     a = generate_toy_cityscapes(tmp_path / "a", **size, **options)
     b = generate_toy_cityscapes(tmp_path / "b", **size, **options)
     default = generate_toy_cityscapes(tmp_path / "default", **size)
-    subprocess.run([sys.executable, "-m", "lib.toy_cityscapes", "--root", str(tmp_path / "cli"),
+    subprocess.run([sys.executable, "-m", "lib.data.toy_cityscapes", "--root", str(tmp_path /
+    "cli"),
                     "--n-train", "4", "--n-val", "2", "--height", "64", "--width", "128",
                     "--seed", "3", "--class-colour-prob", "0.5", "--object-density", "1.5",
                     "--texture-strength", "0.5"], cwd=REPO, check=True, capture_output=True)

@@ -7,20 +7,20 @@ import copy
 import pytest
 import torch
 
-from lib.checkpoint import load_checkpoint, load_model
-from lib.config import TrainConfig, parse_config
-from lib.data import dataset_info
-from lib.loss import OhemCrossEntropy
-from lib.models import build_model, strip_module_prefix
-from lib.optim import build_optimizer
-from lib.train_step import (
+from lib.data.dataset import dataset_info
+from lib.models.checkpoint import load_checkpoint, load_model
+from lib.models.registry import build_model, strip_module_prefix
+from lib.training.config import TrainConfig, parse_config
+from lib.training.loss import OhemCrossEntropy
+from lib.training.optim import build_optimizer
+from lib.training.state import RunState, make_scheduler
+from lib.training.step import (
     compile_for_training,
     step_losses,
     to_memory_format,
     use_channels_last,
     without_dropout,
 )
-from lib.trainer import RunState, make_scheduler
 
 ITERATIONS = 3
 LR = 1e-3
@@ -116,7 +116,7 @@ def test_compiled_step_equals_eager_and_its_checkpoint_has_plain_keys_and_resume
     cfg = TrainConfig(max_iter=10, warmup_iter=1, lr=LR, compile=True)
     model = copy.deepcopy(initial)
     optimizer = build_optimizer(model, LR)
-    state = RunState(cfg, dataset_info(cfg), tmp_path, model, optimizer,
+    state = RunState(cfg, dataset_info(cfg.data), tmp_path, model, optimizer,
                      make_scheduler(optimizer, cfg), torch.amp.GradScaler("cpu", enabled=False),
                      compiled=compile_for_training(model))
     assert state.net is state.compiled
@@ -134,7 +134,7 @@ def test_compiled_step_equals_eager_and_its_checkpoint_has_plain_keys_and_resume
     # ... which resumes into a fresh compiled run that continues as the first one does
     fresh = copy.deepcopy(initial)
     fresh_optimizer = build_optimizer(fresh, LR)
-    resumed = RunState(cfg, dataset_info(cfg), tmp_path, fresh, fresh_optimizer,
+    resumed = RunState(cfg, dataset_info(cfg.data), tmp_path, fresh, fresh_optimizer,
                        make_scheduler(fresh_optimizer, cfg),
                        torch.amp.GradScaler("cpu", enabled=False),
                        compiled=compile_for_training(fresh))

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib.checkpoint import load_checkpoint, load_model
-from lib.models import build_model
-from lib.toy_cityscapes import generate_toy_cityscapes
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.models.checkpoint import load_checkpoint, load_model
+from lib.models.registry import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_LINE = re.compile(r"iter (\d+)/(\d+) \| lr ([0-9.e-]+) \| samples (\d+)")
@@ -120,7 +120,8 @@ def test_one_and_two_processes_train_to_the_same_weights(tmp_path):
     Why the two runs compute the same thing, term by term:
     * samples and augmentation: the sampler gives rank r the r-th half of each global batch and
       seeds every sample's augmentation by its global position;
-    * BatchNorm: synchronised over the 2 processes (lib/sync_batchnorm.py), so statistics and
+    * BatchNorm: synchronised over the 2 processes (lib/training/sync_batchnorm.py), so
+    statistics and
       running statistics are those of the 4 images;
     * loss: each process averages its own pixels and DDP averages the 2 gradients, which equals
       the 1-process mean only when both halves count the same pixels. Hence no ignore pixel in

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.datasets.cityscapes import MEAN, STD
-from lib.transforms import (
+from lib.data.datasets.cityscapes import MEAN, STD
+from lib.data.transforms import (
     EvalTransform,
     TrainTransform,
     colour_jitter,

@@ -26,17 +26,7 @@ from cityscapesscripts.helpers.labels import labels as cityscapes_labels
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lib.checkpoint import load_checkpoint, load_model
-from lib.config import TrainConfig
-from lib.data import build_dataset
-from lib.deploy import to_inference_form
-from lib.ema import WeightEma
-from lib.evaluator import EvalOptions, evaluate, iou_from_confusion
-from lib.models import build_model
-from lib.monitor import EventLog
-from lib.toy_cityscapes import generate_toy_cityscapes
-from lib.trainer import RunState, make_scheduler, record_progress
-from lib.visualize import (
+from lib.common.visualize import (
     CURVE_COLOURS,
     CURVE_SIZE,
     LEGEND_SWATCH,
@@ -44,6 +34,17 @@ from lib.visualize import (
     prediction_panel,
     training_curves,
 )
+from lib.data.dataset import build_dataset
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.deployment.inference import to_inference_form
+from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
+from lib.models.checkpoint import load_checkpoint, load_model
+from lib.models.registry import build_model
+from lib.training.config import TrainConfig
+from lib.training.ema import WeightEma
+from lib.training.loop import record_progress
+from lib.training.monitor import EventLog
+from lib.training.state import RunState, make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -114,7 +115,7 @@ def _assert_panels(panel: np.ndarray, image_path: str, lean: nn.Module, cfg: Tra
     np.testing.assert_array_equal(image, _rgb(image_path))
     label = _label_of(image_path)
     np.testing.assert_array_equal(truth, _colour(label))
-    dataset = build_dataset(cfg, "val", train=False)
+    dataset = build_dataset(cfg.data, "val")
     index = [str(p[0]) for p in dataset.pairs].index(image_path)
     with torch.inference_mode():
         pred = lean(dataset[index][0][None]).argmax(1)[0].numpy().astype(np.uint8)
@@ -147,8 +148,8 @@ def test_validation_keeps_the_best_model_of_the_logged_mious(watched_run, toy_ro
         assert torch.equal(value, best["state_dict"][key]), key
     # and they score that mIoU when evaluated again
     model, _ = load_model(out / "model_best.pth")
-    cfg = TrainConfig(data_root=str(toy_root))
-    conf = evaluate(to_inference_form(model), build_dataset(cfg, "val", train=False), 19,
+    cfg = TrainConfig().replace(data_root=str(toy_root))
+    conf = evaluate(to_inference_form(model), build_dataset(cfg.data, "val"), 19,
                     EvalOptions(modes=("ss",)), device="cpu", progress=False, num_workers=0)["ss"]
     assert iou_from_confusion(conf)[1] == pytest.approx(best["best_miou"], abs=1e-7)
     # the bookkeeping travels in the resumable checkpoints
@@ -189,8 +190,8 @@ def test_event_files_hold_the_scalars_and_images(watched_run, toy_root):
     assert sorted(t for t in tags["images"]) == ["val/prediction_0", "val/prediction_1"]
     shots = events.Images("val/prediction_0")
     assert [s.step for s in shots] == [2, 4]
-    cfg = TrainConfig(data_root=str(toy_root))
-    first_image = str(build_dataset(cfg, "val", train=False).pairs[0][0])
+    cfg = TrainConfig().replace(data_root=str(toy_root))
+    first_image = str(build_dataset(cfg.data, "val").pairs[0][0])
     lean = to_inference_form(load_model(out / "model_final.pth")[0])
     _assert_panels(_rgb(shots[-1].encoded_image_string), first_image, lean, cfg)
 
@@ -199,7 +200,7 @@ def test_pictures_after_training(watched_run, toy_root):
     out, log, _ = watched_run
     example = re.search(r"prediction of (\S+) written to (\S+)", log)
     assert example[2] == str(out / "example_prediction.png")
-    cfg = TrainConfig(data_root=str(toy_root))
+    cfg = TrainConfig().replace(data_root=str(toy_root))
     lean = to_inference_form(load_model(out / "model_final.pth")[0])
     _assert_panels(_rgb(out / "example_prediction.png"), example[1], lean, cfg)
     curves = _rgb(out / "curves.png")
@@ -385,8 +386,8 @@ def test_two_processes_validate_their_shares_and_rank_0_writes(toy_root, tmp_pat
     assert best["iteration"] == 2
     # each rank evaluated one of the 2 images; the summed matrices give the whole set's mIoU
     model, _ = load_model(out / "model_best.pth")
-    cfg = TrainConfig(data_root=str(toy_root))
-    conf = evaluate(to_inference_form(model), build_dataset(cfg, "val", train=False), 19,
+    cfg = TrainConfig().replace(data_root=str(toy_root))
+    conf = evaluate(to_inference_form(model), build_dataset(cfg.data, "val"), 19,
                     EvalOptions(modes=("ss",)), device="cpu", progress=False, num_workers=0)["ss"]
     assert iou_from_confusion(conf)[1] == pytest.approx(best["best_miou"], abs=1e-7)
 

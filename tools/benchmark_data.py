@@ -1,7 +1,8 @@
 """Training-pipeline throughput of one data-loading worker on full-size 1024x2048 PNGs.
 
 Times, per sample, in one process with one thread (what one DataLoader worker does, see
-``lib.data.worker_init``): decoding the image PNG (and BGR->RGB), decoding the label PNG with its
+``lib.data.dataset.worker_init``): decoding the image PNG (and BGR->RGB), decoding the label PNG
+with its
 value check and labelId->trainId lookup, and the full training transform (random scale in
 (0.25, 2.0), crop 512x1024, flip, colour jitter, normalisation to a float tensor). Model, loss and
 the DataLoader's inter-process transfer are not included.
@@ -15,19 +16,19 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import tempfile
+import time
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tabulate import tabulate  # noqa: E402
+import cv2
+import numpy as np
+import torch
+from tabulate import tabulate
 
-from lib.data import SegmentationDataset, read_image  # noqa: E402
-from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs  # noqa: E402
-from lib.toy_cityscapes import generate_toy_cityscapes  # noqa: E402
-from lib.transforms import TrainTransform  # noqa: E402
+from lib.data.dataset import SegmentationDataset, read_image
+from lib.data.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
+from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.data.transforms import TrainTransform
 
 
 def benchmark(root: pathlib.Path, n_samples: int, seed: int = 0) -> list[list]:

@@ -4,7 +4,8 @@
     python tools/benchmark_eval.py --n 3 --device cuda
     python tools/benchmark_eval.py --size 512 1024 --mode ss msf
 
-What is timed, per image: ``lib.evaluator.predict_scores`` followed by the arg-max, i.e. every
+What is timed, per image: ``lib.evaluation.evaluator.predict_scores`` followed by the arg-max, i.e.
+every
 network forward pass (batch 1, or ``--crop-batch`` crops), the softmax, the image and score
 resizing and the crop stitching, in eager PyTorch, float32, with random weights (the speed does
 not depend on them). Not timed: reading/decoding/normalising the image, copying it to the device,
@@ -21,20 +22,20 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import resource
+import subprocess
+import time
+from dataclasses import replace
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from lib.distributed import select_device  # noqa: E402
-from lib.evaluate_cmd import add_protocol_arguments, protocol_options  # noqa: E402
-from lib.evaluator import MODES, predict_scores  # noqa: E402
-from lib.models import MODEL_NAMES, build_model  # noqa: E402
+from lib.common.distributed import select_device
+from lib.evaluation.command import add_protocol_arguments, protocol_options
+from lib.evaluation.evaluator import MODES, predict_scores
+from lib.models.registry import MODEL_NAMES, build_model
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,8 @@ bf16 can go below 1).
 
 Variants: torch fp32 (BatchNorm folded, channels-last), torch bf16 (autocast; listed where the
 CPU has native bf16 or on CUDA), torch fp16 (CUDA), onnxruntime fp32, openvino fp32 (CPU), and
-onnxruntime int8 / openvino int8 (CPU: the int8 QDQ graph of ``lib/quantize.py``, calibrated here
+onnxruntime int8 / openvino int8 (CPU: the int8 QDQ graph of ``lib/deployment/quantize.py``,
+calibrated here
 on random images: speed does not depend on the calibration). Runtimes whose package is missing
 are listed as skipped. Each variant runs in its own process, so peak memory is its own.
 
@@ -31,23 +32,23 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import tempfile
+import time
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tabulate import tabulate  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
 
-from lib.models import MODEL_NAMES, build_model  # noqa: E402
-from lib.runtimes import RUNTIMES, onnx_graph  # noqa: E402
-from lib.runtimes.torch_eager import TorchRuntime  # noqa: E402
-from tools.model_stats import model_stats  # noqa: E402
+from lib.deployment.runtimes import RUNTIMES, onnx_graph
+from lib.deployment.runtimes.torch_eager import TorchRuntime
+from lib.models.registry import MODEL_NAMES, build_model
+from tools.model_stats import model_stats
 
 N_CLASSES = 19
 
@@ -145,7 +146,7 @@ def prepare_graphs(model_name: str, folder: pathlib.Path, calibration_size: tupl
     model = build_model(model_name, N_CLASSES, aux_heads=False).eval()
     graphs = {"fp32": str(onnx_graph(model, folder))}
     if need_int8:
-        from lib.quantize import quantize_onnx
+        from lib.deployment.quantize import quantize_onnx
 
         rng = np.random.default_rng(0)
         batches = (rng.standard_normal((1, 3, *calibration_size), np.float32) for _ in range(4))

@@ -33,27 +33,28 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+import argparse
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
 
-import torch  # noqa: E402
-from tabulate import tabulate  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from tabulate import tabulate
+from torch import nn
 
-from lib.distributed import select_device  # noqa: E402
-from lib.loss import OhemCrossEntropy  # noqa: E402
-from lib.models import MODEL_NAMES, build_model  # noqa: E402
-from lib.optim import build_optimizer  # noqa: E402
-from lib.train_step import (  # noqa: E402
+from lib.common.distributed import select_device
+from lib.models.registry import MODEL_NAMES, build_model
+from lib.training.loop import iteration_seed
+from lib.training.loss import OhemCrossEntropy
+from lib.training.optim import build_optimizer
+from lib.training.step import (
+    autocast_context,
     compile_for_training,
     step_losses,
     to_memory_format,
     without_dropout,
 )
-from lib.trainer import autocast_context, iteration_seed  # noqa: E402
 
 # variant name -> (channels-last, compile mode or None, autocast)
 VARIANTS = {

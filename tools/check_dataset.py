@@ -14,12 +14,13 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
+import argparse
 
-from lib.config import TrainConfig, build_parser  # noqa: E402
-from lib.data import dataset_info, dataset_pairs  # noqa: E402
-from lib.dataset_check import check_pairs, format_report  # noqa: E402
-from lib.datasets import DATASETS  # noqa: E402
+from lib.data.checks import check_pairs, format_report
+from lib.data.config import DataConfig
+from lib.data.dataset import dataset_info, dataset_pairs
+from lib.data.datasets import DATASETS
+from lib.training.config import TrainConfig, build_parser
 
 DATA_OPTIONS = ("dataset", "data_root", "train_list", "val_list", "n_classes", "ignore_index",
                 "label_map", "class_names")
@@ -41,21 +42,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.n_classes is None:
         spec = DATASETS.get(args.dataset)
-        args.n_classes = spec.n_classes if spec else TrainConfig().n_classes
-    cfg = TrainConfig(**{k: getattr(args, k) for k in DATA_OPTIONS})
-    info = dataset_info(cfg)
+        args.n_classes = spec.n_classes if spec else DataConfig().n_classes
+    data = DataConfig(**{k: getattr(args, k) for k in DATA_OPTIONS})
+    info = dataset_info(data)
     n_problems = 0
     for split in args.splits:
         try:
-            pairs = dataset_pairs(cfg, split)
+            pairs = dataset_pairs(data, split)
         except (FileNotFoundError, ValueError) as exc:
             print(f"[{split}] {exc}")
             n_problems += 1
             continue
-        report = check_pairs(pairs, cfg.n_classes, cfg.ignore_index, info.label_lut,
+        report = check_pairs(pairs, data.n_classes, data.ignore_index, info.label_lut,
                              decode_images=not args.no_decode, progress=True, split=split,
-                             valid_raw=info.valid_raw, dataset_name=cfg.dataset)
-        print(f"[{split}] " + format_report(report, info.class_names, cfg.ignore_index))
+                             valid_raw=info.valid_raw, dataset_name=data.dataset)
+        print(f"[{split}] " + format_report(report, info.class_names, data.ignore_index))
         n_problems += len(report.problems)
     print("OK" if n_problems == 0 else f"{n_problems} problem(s) found")
     return 0 if n_problems == 0 else 1

@@ -11,13 +11,13 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
+import argparse
+import tempfile
 
-from tabulate import tabulate  # noqa: E402
+from tabulate import tabulate
 
-from lib.datasets.cityscapes import CLASS_NAMES  # noqa: E402
-from lib.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes  # noqa: E402
+from lib.data.datasets.cityscapes import CLASS_NAMES
+from lib.data.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes
 
 
 def main(argv=None) -> None:

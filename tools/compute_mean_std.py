@@ -9,12 +9,12 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
+import argparse
 
-from lib.config import TrainConfig  # noqa: E402
-from lib.data import dataset_pairs  # noqa: E402
-from lib.dataset_check import compute_mean_std  # noqa: E402
-from lib.datasets import DATASETS  # noqa: E402
+from lib.data.checks import compute_mean_std
+from lib.data.config import DataConfig
+from lib.data.dataset import dataset_pairs
+from lib.data.datasets import DATASETS
 
 
 def main(argv=None) -> None:
@@ -26,9 +26,9 @@ def main(argv=None) -> None:
     parser.add_argument("--train-list", default=None)
     parser.add_argument("--split", default="train")
     args = parser.parse_args(argv)
-    cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, train_list=args.train_list)
+    data = DataConfig(dataset=args.dataset, data_root=args.data_root, train_list=args.train_list)
     try:
-        pairs = dataset_pairs(cfg, args.split)
+        pairs = dataset_pairs(data, args.split)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     mean, std = compute_mean_std([image for image, _ in pairs], progress=True)

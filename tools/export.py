@@ -29,13 +29,12 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+import argparse
+from collections.abc import Sequence
 
-from torch import nn  # noqa: E402
+from torch import nn
 
-from lib.checkpoint import CheckpointError, load_model  # noqa: E402
-from lib.export import (  # noqa: E402
+from lib.deployment.export import (
     EXPORTERS,
     FORMATS,
     MAX_RELATIVE_DIFF,
@@ -43,10 +42,11 @@ from lib.export import (  # noqa: E402
     SUFFIXES,
     verify,
 )
-from lib.models import MODEL_NAMES  # noqa: E402
-from lib.published import NAMES_HELP, published_entry  # noqa: E402
-from lib.runs import default_checkpoint  # noqa: E402
-from lib.runtimes import RuntimeUnavailable  # noqa: E402
+from lib.deployment.runtimes import RuntimeUnavailable
+from lib.models.checkpoint import CheckpointError, load_model
+from lib.models.published import NAMES_HELP, published_entry
+from lib.models.registry import MODEL_NAMES
+from lib.training.runs import default_checkpoint
 
 
 def export(model: nn.Module, path: pathlib.Path, fmt: str, argmax: bool = False,

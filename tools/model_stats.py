@@ -13,13 +13,13 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
+import argparse
 
-import torch  # noqa: E402
-from tabulate import tabulate  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from tabulate import tabulate
+from torch.utils.flop_counter import FlopCounterMode
 
-from lib.models import MODEL_NAMES, build_model  # noqa: E402
+from lib.models.registry import MODEL_NAMES, build_model
 
 
 def model_stats(name: str, n_classes: int, size: tuple[int, int]) -> dict[str, float]:

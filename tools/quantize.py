@@ -3,10 +3,12 @@
     python tools/quantize.py --ckpt res/model_final.pth                      # the toy Cityscapes
     python tools/quantize.py --ckpt model_final_v2_city.pth --data-root data --calib-images 100
 
-Steps: the fp32 ONNX graph is exported (``lib/export.py``); activation ranges are calibrated on
-``--calib-images`` training images (evenly spaced over the split, whole images normalised as for
+Steps: the fp32 ONNX graph is exported (``lib/deployment/export.py``); activation ranges are
+calibrated on ``--calib-images`` training images (evenly spaced over the split, whole images
+normalised as for
 evaluation); weights are quantised per channel and the graph written in QDQ format
-(``lib/quantize.py``) to ``--output`` (default: next to the checkpoint, ``<name>.int8.onnx``).
+(``lib/deployment/quantize.py``) to ``--output`` (default: next to the checkpoint,
+``<name>.int8.onnx``).
 Then the fp32 model (PyTorch) and the int8 graph (ONNX Runtime) are evaluated single-scale on the
 validation split, and the latency of every fp32 and int8 runtime is measured at ``--bench-size``
 (batch 1; forward + arg-max). The goal line compares int8 with the best fp32 runtime: at most 0.6x
@@ -20,25 +22,25 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
+import argparse
+import tempfile
+from collections.abc import Iterator, Sequence
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tabulate import tabulate  # noqa: E402
+import numpy as np
+import torch
+from tabulate import tabulate
 
-from lib.checkpoint import CheckpointError, load_model  # noqa: E402
-from lib.data import build_dataset, prepare_dataset  # noqa: E402
-from lib.datasets import DATASETS  # noqa: E402
-from lib.evaluate_cmd import data_config  # noqa: E402
-from lib.evaluator import EvalOptions, evaluate, iou_from_confusion  # noqa: E402
-from lib.models import MODEL_NAMES  # noqa: E402
-from lib.quantize import quantize_onnx  # noqa: E402
-from lib.runs import default_checkpoint  # noqa: E402
-from lib.runtimes import RUNTIMES, RuntimeUnavailable, onnx_graph  # noqa: E402
-from lib.runtimes.torch_eager import TorchRuntime  # noqa: E402
-from tools.benchmark_speed import measure  # noqa: E402
+from lib.data.dataset import build_dataset, prepare_dataset
+from lib.data.datasets import DATASETS
+from lib.deployment.quantize import quantize_onnx
+from lib.deployment.runtimes import RUNTIMES, RuntimeUnavailable, onnx_graph
+from lib.deployment.runtimes.torch_eager import TorchRuntime
+from lib.evaluation.command import decide_dataset
+from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
+from lib.models.checkpoint import CheckpointError, load_model
+from lib.models.registry import MODEL_NAMES
+from lib.training.runs import default_checkpoint
+from tools.benchmark_speed import measure
 
 MAX_LATENCY_RATIO = 0.6
 MAX_MIOU_LOSS = 0.5  # points
@@ -92,13 +94,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         OnnxRuntime.check(torch.device("cpu"))
     except (CheckpointError, RuntimeUnavailable) as exc:
         raise SystemExit(f"error: {exc}") from None
-    cfg = data_config(args, meta)
-    prepare_dataset(cfg)
+    data = decide_dataset(args, meta).data
+    prepare_dataset(data)
     output = pathlib.Path(args.output or pathlib.Path(args.ckpt).with_suffix(".int8.onnx"))
 
     with tempfile.TemporaryDirectory() as scratch:
         fp32_graph = onnx_graph(model, scratch)
-        train = build_dataset(cfg, "train", train=False)
+        train = build_dataset(data, "train")
         quantize_onnx(fp32_graph, output, calibration_batches(train, args.calib_images),
                       args.calib_method)
         print(f"wrote {output} (calibrated on {min(args.calib_images, len(train))} training "
@@ -110,10 +112,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if name in fp32}
     summary: dict = {}
     if args.eval:
-        val = build_dataset(cfg, "val", train=False)
-        summary["miou_fp32"] = miou(fp32["torch"], val, cfg.n_classes, cfg.ignore_index)
-        summary["miou_int8"] = miou(int8["onnxruntime"], val, cfg.n_classes, cfg.ignore_index)
-        print(f"mIoU (ss, {len(val)} {cfg.dataset} val images): fp32 (torch) "
+        val = build_dataset(data, "val")
+        summary["miou_fp32"] = miou(fp32["torch"], val, data.n_classes, data.ignore_index)
+        summary["miou_int8"] = miou(int8["onnxruntime"], val, data.n_classes,
+                                    data.ignore_index)
+        print(f"mIoU (ss, {len(val)} {data.dataset} val images): fp32 (torch) "
               f"{summary['miou_fp32']:.2f}, int8 (onnxruntime) {summary['miou_int8']:.2f}, "
               f"change {summary['miou_int8'] - summary['miou_fp32']:+.2f} points")
 

@@ -1,7 +1,7 @@
 """The quickstart (short) recipe against a plain training loop, at equal time, on toy sets
 the recipe was not tuned on.
 
-For each toy set (generated with ``lib.toy_cityscapes``'s variant options: colour partly
+For each toy set (generated with ``lib.data.toy_cityscapes``'s variant options: colour partly
 informative, other sizes, seeds, object densities and textures):
 
 * **ours**: ``bisenetv2/train.py --quickstart`` with ``--data-root`` set to the toy (plus any
@@ -16,7 +16,8 @@ informative, other sizes, seeds, object densities and textures):
   included): it cannot know its iteration count in advance, so its poly decay runs on the fraction
   of that time used, and it stops when the time is up (to within half an iteration).
 
-Both are then evaluated the same way (``lib.evaluator``, single scale, the same val images) and a
+Both are then evaluated the same way (``lib.evaluation.evaluator``, single scale, the same val
+images) and a
 table is printed: toy set | colour-only baseline | ours mIoU | plain mIoU | wall time and
 iterations of each | load average at the start of each.
 
@@ -42,30 +43,29 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import resource  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import os
+import re
+import resource
+import shlex
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import cv2
+import numpy as np
+import torch
 
-from bisenetv2.model import BiSeNetV2  # noqa: E402
-from lib.checkpoint import load_checkpoint  # noqa: E402
-from lib.config import TrainConfig  # noqa: E402
-from lib.data import build_dataset  # noqa: E402
-from lib.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, MEAN, STD, find_cityscapes_pairs  # noqa: E402
-from lib.evaluator import EvalOptions, evaluate, iou_from_confusion  # noqa: E402
-from lib.loss import OhemCrossEntropy  # noqa: E402
-from lib.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes  # noqa: E402
+from bisenetv2.model import BiSeNetV2
+from lib.data.config import DataConfig
+from lib.data.dataset import build_dataset
+from lib.data.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, MEAN, STD, find_cityscapes_pairs
+from lib.data.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes
+from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
+from lib.models.checkpoint import load_checkpoint
+from lib.training.loss import OhemCrossEntropy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,8 +203,7 @@ def run_plain(root: Path, budget: float, seed: int = 0, lr: float = 5e-2, batch:
 
 def evaluate_miou(model: torch.nn.Module, root: Path) -> float:
     """Single-scale mIoU on the val split, through the repository's evaluator."""
-    val_set = build_dataset(dataclasses.replace(TrainConfig(), data_root=str(root)), "val",
-                            train=False)
+    val_set = build_dataset(DataConfig(data_root=str(root)), "val")
     model.eval()
     conf = evaluate(model, val_set, N_CLASSES, EvalOptions(modes=("ss",)), device="cpu",
                     progress=False, num_workers=0)["ss"]
