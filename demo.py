@@ -34,7 +34,7 @@ from lib.deployment.examples import normalise
 from lib.deployment.runtimes import RUNTIME_NAMES, RuntimeUnavailable, build_runtime
 from lib.models.checkpoint import CheckpointError, load_model
 from lib.models.published import NAMES_HELP
-from lib.models.registry import MODEL_NAMES
+from lib.models.zoo import model_names
 from lib.training.runs import default_checkpoint
 
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="res/demo", help="output folder (or .mp4 for video)")
     parser.add_argument("--layout", choices=["side", "overlay", "mask"], default="side",
                         help="input and segmentation side by side, blended, or the mask alone")
-    parser.add_argument("--model", choices=MODEL_NAMES, default=None)
+    parser.add_argument("--model", choices=model_names(), default=None)
     parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                         help="class names, colours and mean/std of this dataset (default: the "
                              "checkpoint's)")

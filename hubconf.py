@@ -21,7 +21,7 @@ from torch import nn
 
 from lib.models.checkpoint import load_finetune_weights, load_model
 from lib.models.published import PUBLISHED
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 
 dependencies = ["torch", "torchvision", "numpy", "cv2"]
 

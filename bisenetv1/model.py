@@ -18,6 +18,8 @@ import torchvision
 from torch import nn
 
 from lib.models.layers import ConvBNReLU, global_average, resize_to
+from lib.models.pretrained import load_resnet18_backbone
+from lib.models.registry import ModelVariant, register
 
 __all__ = [
     "AttentionRefinement",
@@ -202,3 +204,11 @@ class BiSeNetV1(nn.Module):
         if not self.aux_heads:
             return (out,)
         return out, self.conv_out16(context8, size), self.conv_out32(context16, size)
+
+
+# state dicts with a spatial path ("sp.*") are BiSeNetV1's (model_final_v1_*.pth)
+VARIANT = register(ModelVariant(
+    name="bisenetv1", build=BiSeNetV1, key_prefixes=("sp.",),
+    classifier_key="conv_out.conv_out.weight", aux_prefixes=("conv_out16.", "conv_out32."),
+    load_backbone=load_resnet18_backbone,
+))

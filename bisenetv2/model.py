@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from lib.models.layers import ConvBNReLU, global_average, resize_to
+from lib.models.pretrained import load_v2_backbone
+from lib.models.registry import ModelVariant, register
 
 __all__ = ["BiSeNetV2"]
 
@@ -278,3 +280,11 @@ class BiSeNetV2(nn.Module):
         aux = [self.aux2(s2, size), self.aux3(s3, size), self.aux4(s4, size),
                self.aux5_4(s5_4, size)]
         return (out, *aux)
+
+
+# state dicts with a detail branch ("detail.*") are BiSeNetV2's (model_final_v2_*.pth)
+VARIANT = register(ModelVariant(
+    name="bisenetv2", build=BiSeNetV2, key_prefixes=("detail.",),
+    classifier_key="head.conv_out.1.weight", aux_prefixes=("aux2.", "aux3.", "aux4.", "aux5_4."),
+    load_backbone=load_v2_backbone,
+))

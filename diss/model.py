@@ -19,6 +19,8 @@ The network is :class:`bisenetv1.model.BiSeNetV1` built without its spatial path
 from __future__ import annotations
 
 from bisenetv1.model import BiSeNetV1
+from lib.models.pretrained import load_resnet18_backbone
+from lib.models.registry import ModelVariant, register
 
 __all__ = ["BiSeNetDiss"]
 
@@ -38,3 +40,11 @@ class BiSeNetDiss(BiSeNetV1):
 
     def __init__(self, n_classes: int = 19, aux_heads: bool = True) -> None:
         super().__init__(n_classes, aux_heads, spatial_path=False)
+
+
+# a context path ("cp.*") without a spatial path ("sp.*")
+VARIANT = register(ModelVariant(
+    name="diss", build=BiSeNetDiss, key_prefixes=("cp.",), absent_prefixes=("sp.",),
+    classifier_key="conv_out.conv_out.weight", aux_prefixes=("conv_out16.", "conv_out32."),
+    load_backbone=load_resnet18_backbone,
+))

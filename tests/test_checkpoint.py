@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lib.models.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 from lib.training.runs import latest_usable_checkpoint, list_checkpoints, prune_checkpoints
 
 

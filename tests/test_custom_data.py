@@ -16,7 +16,7 @@ from lib.data.dataset import build_dataset
 from lib.data.sampler import InfiniteShardedSampler
 from lib.data.transforms import to_tensor
 from lib.models.checkpoint import load_checkpoint, load_finetune_weights, save_checkpoint
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 from lib.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

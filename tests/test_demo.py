@@ -11,7 +11,7 @@ import demo
 from lib.common.visualize import make_palette
 from lib.deployment.examples import normalise
 from lib.models.checkpoint import save_checkpoint
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 

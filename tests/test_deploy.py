@@ -4,7 +4,7 @@ from torch import nn
 
 from lib.deployment.inference import fold_all_batchnorms, to_inference_form
 from lib.deployment.runtimes.torch_eager import TorchRuntime
-from lib.models.registry import MODEL_NAMES, build_model
+from lib.models.zoo import build_model, model_names
 
 
 def _randomise_batchnorms(model: nn.Module, seed: int = 0) -> None:
@@ -18,7 +18,7 @@ def _randomise_batchnorms(model: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_inference_form_equals_eval_model(name):
     torch.manual_seed(0)
     model = build_model(name, 5, aux_heads=True)

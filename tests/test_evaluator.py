@@ -49,7 +49,7 @@ from lib.evaluation.evaluator import (
     start_size,
     whole_image_size,
 )
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 from tests.test_models import expected_layout, random_state_from_listing
 
 ROOT = Path(__file__).resolve().parents[1]

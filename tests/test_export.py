@@ -9,7 +9,7 @@ import pytest
 import torch
 from tools_loader import load_tool
 
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 
 export = load_tool("export")
 

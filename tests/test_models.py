@@ -18,11 +18,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lib.models.layers import ConvBNReLU, resize_to
-from lib.models.registry import (
-    MODEL_NAMES,
+from lib.models.zoo import (
     build_model,
     infer_model_name,
     infer_n_classes,
+    model_names,
     strip_module_prefix,
 )
 
@@ -68,7 +68,7 @@ def test_state_dict_is_exactly_the_published_layout(name):
     assert own == listing  # same shapes
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 @pytest.mark.parametrize("n_classes", [5, 19])
 @pytest.mark.parametrize("aux_heads", [True, False])
 def test_layout_follows_class_count_and_aux_heads(name, n_classes, aux_heads):
@@ -97,7 +97,7 @@ def random_state_from_listing(layout, seed=0):
     return state
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_strict_load_of_listing_shaped_weights(name):
     state = random_state_from_listing(expected_layout(name))
     model = build_model(name, 19, aux_heads=True)
@@ -116,7 +116,7 @@ def test_strict_load_of_listing_shaped_weights(name):
         assert torch.equal(model.eval()(x), small.eval()(x))
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 @pytest.mark.parametrize("size", [(67, 131), (100, 200)])
 @pytest.mark.parametrize("n_classes", [19, 5])
 def test_output_shapes_for_any_input_size(name, size, n_classes):
@@ -134,7 +134,7 @@ def test_output_shapes_for_any_input_size(name, size, n_classes):
     assert isinstance(out, torch.Tensor) and out.shape == (2, n_classes, *size)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_without_aux_heads_train_mode_gives_main_output_only(name):
     model = build_model(name, 5, aux_heads=False).train()
     assert model.output_names == ("out",)
@@ -142,7 +142,7 @@ def test_without_aux_heads_train_mode_gives_main_output_only(name):
     assert isinstance(outs, tuple) and len(outs) == 1 and outs[0].shape == (2, 5, 64, 64)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_head_modules_are_the_output_layers(name):
     model = build_model(name, 19, aux_heads=True)
     head_params = {id(p) for m in model.head_modules() for p in m.parameters()}
@@ -176,7 +176,7 @@ def model_stats_tool():
     return load_tool("model_stats")
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_parameter_counts_are_the_listings_arithmetic(name, model_stats_tool):
     eval_params = count_listing_parameters(expected_layout(name, 19, aux_heads=False))
     train_params = count_listing_parameters(expected_layout(name, 19, aux_heads=True))
@@ -211,7 +211,7 @@ def conv_flops_by_hooks(model: nn.Module, image: torch.Tensor) -> int:
     return total
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_flops_at_512x1024_are_the_convolutions_arithmetic(name, model_stats_tool):
     # Shapes only, on the meta device. Convolutions are the only layers with multiply-adds the
     # counter counts (no Linear, no matmul): anything else would make the totals differ.
@@ -253,7 +253,7 @@ def test_conv_bn_relu_names_and_padding():
     assert out.shape == (1, 8, 5, 6) and (out >= 0).all()
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 @pytest.mark.parametrize("n_classes", [7, 19])
 def test_model_and_class_count_are_recognised(name, n_classes):
     state = build_model(name, n_classes, aux_heads=False).state_dict()

@@ -65,7 +65,7 @@ def test_head_norm_params_get_10x_lr_without_decay_and_empty_groups_are_dropped(
 
 
 def test_real_model_parameters_are_partitioned():
-    from lib.models.registry import build_model
+    from lib.models.zoo import build_model
 
     model = build_model("bisenetv2", 19)
     opt = build_optimizer(model, lr=0.01)

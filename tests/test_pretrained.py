@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from lib.models.pretrained import load_pretrained_backbone
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 
 
 def fake_imagenet_resnet18(seed: int = 0) -> dict[str, torch.Tensor]:

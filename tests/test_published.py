@@ -34,7 +34,7 @@ from lib.models.checkpoint import (
     load_finetune_weights,
     load_model,
 )
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 # the normalisation of the published COCO-Stuff and ADE20K models (their training configs)

@@ -9,7 +9,7 @@ from tools_loader import load_tool
 
 from lib.data.datasets.cityscapes import MEAN, STD
 from lib.data.toy_cityscapes import generate_toy_cityscapes
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -20,7 +20,7 @@ from lib.deployment.runtimes import (
 )
 from lib.deployment.runtimes.torch_eager import TorchRuntime
 from lib.evaluation.evaluator import EvalOptions, evaluate
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,7 @@ def test_single_process_and_eval_are_plain_batchnorm():
 
 
 def test_conversion_keeps_parameters_buffers_and_state_dict_keys():
-    from lib.models.registry import build_model
+    from lib.models.zoo import build_model
 
     torch.manual_seed(0)
     model = build_model("bisenetv2", 19, aux_heads=True)

@@ -9,7 +9,7 @@ import torch
 
 from lib.data.dataset import dataset_info
 from lib.models.checkpoint import load_checkpoint, load_model
-from lib.models.registry import build_model, strip_module_prefix
+from lib.models.zoo import build_model, strip_module_prefix
 from lib.training.config import TrainConfig, parse_config
 from lib.training.loss import OhemCrossEntropy
 from lib.training.optim import build_optimizer

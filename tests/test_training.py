@@ -15,7 +15,7 @@ import torch
 
 from lib.data.toy_cityscapes import generate_toy_cityscapes
 from lib.models.checkpoint import load_checkpoint, load_model
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_LINE = re.compile(r"iter (\d+)/(\d+) \| lr ([0-9.e-]+) \| samples (\d+)")

@@ -39,7 +39,7 @@ from lib.data.toy_cityscapes import generate_toy_cityscapes
 from lib.deployment.inference import to_inference_form
 from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
 from lib.models.checkpoint import load_checkpoint, load_model
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 from lib.training.config import TrainConfig
 from lib.training.ema import WeightEma
 from lib.training.loop import record_progress

@@ -35,13 +35,13 @@ import torch
 from lib.common.distributed import select_device
 from lib.evaluation.command import add_protocol_arguments, protocol_options
 from lib.evaluation.evaluator import MODES, predict_scores
-from lib.models.registry import MODEL_NAMES, build_model
+from lib.models.zoo import build_model, model_names
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=MODEL_NAMES, default="bisenetv2")
+    parser.add_argument("--model", choices=model_names(), default="bisenetv2")
     parser.add_argument("--n-classes", type=int, default=19)
     parser.add_argument("--n", type=int, default=1, help="timed images per mode")
     parser.add_argument("--warmup", type=int, default=None,

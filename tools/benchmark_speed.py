@@ -47,7 +47,7 @@ from tabulate import tabulate
 
 from lib.deployment.runtimes import RUNTIMES, onnx_graph
 from lib.deployment.runtimes.torch_eager import TorchRuntime
-from lib.models.registry import MODEL_NAMES, build_model
+from lib.models.zoo import build_model, model_names
 from tools.model_stats import model_stats
 
 N_CLASSES = 19
@@ -158,7 +158,7 @@ def prepare_graphs(model_name: str, folder: pathlib.Path, calibration_size: tupl
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser.add_argument("--model", nargs="+", default=list(model_names()), choices=model_names())
     parser.add_argument("--size", nargs=2, type=int, default=[512, 1024], metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--protocol", choices=["full", "paper"], default="full")

@@ -44,7 +44,7 @@ from tabulate import tabulate
 from torch import nn
 
 from lib.common.distributed import select_device
-from lib.models.registry import MODEL_NAMES, build_model
+from lib.models.zoo import build_model, model_names
 from lib.training.loop import iteration_seed
 from lib.training.loss import OhemCrossEntropy
 from lib.training.optim import build_optimizer
@@ -162,7 +162,7 @@ def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["bisenetv1", "bisenetv2"],
-                        choices=MODEL_NAMES)
+                        choices=model_names())
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                         choices=list(VARIANTS))
     parser.add_argument("--size", nargs=2, type=int, default=(256, 512), metavar=("H", "W"),

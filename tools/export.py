@@ -45,7 +45,7 @@ from lib.deployment.export import (
 from lib.deployment.runtimes import RuntimeUnavailable
 from lib.models.checkpoint import CheckpointError, load_model
 from lib.models.published import NAMES_HELP, published_entry
-from lib.models.registry import MODEL_NAMES
+from lib.models.zoo import model_names
 from lib.training.runs import default_checkpoint
 
 
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     parser.add_argument("--ckpt", default=None,
                         help=f"checkpoint, {NAMES_HELP} (default: res/model_final.pth if it "
                              "exists, else the newest trained run's model_final.pth)")
-    parser.add_argument("--model", choices=MODEL_NAMES, default=None)
+    parser.add_argument("--model", choices=model_names(), default=None)
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--output", default=None,
                         help="default: next to the checkpoint (res/<name> for published weights)")

@@ -19,7 +19,7 @@ import torch
 from tabulate import tabulate
 from torch.utils.flop_counter import FlopCounterMode
 
-from lib.models.registry import MODEL_NAMES, build_model
+from lib.models.zoo import build_model, model_names
 
 
 def model_stats(name: str, n_classes: int, size: tuple[int, int]) -> dict[str, float]:
@@ -39,7 +39,7 @@ def model_stats(name: str, n_classes: int, size: tuple[int, int]) -> dict[str, f
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=MODEL_NAMES, help="one model (default: all)")
+    parser.add_argument("--model", choices=model_names(), help="one model (default: all)")
     parser.add_argument("--n-classes", type=int, default=19, help="number of classes")
     parser.add_argument("--size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"),
                         help="input height and width (default 512 1024)")
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n_classes < 1 or min(args.size) < 1:
         parser.error("--n-classes and --size must be positive")
     rows = []
-    for name in [args.model] if args.model else MODEL_NAMES:
+    for name in [args.model] if args.model else model_names():
         stats = model_stats(name, args.n_classes, tuple(args.size))
         rows.append([name, args.n_classes, f"{args.size[0]}x{args.size[1]}",
                      f"{stats['params_m']:.2f}", f"{stats['train_params_m']:.2f}",

@@ -38,7 +38,7 @@ from lib.deployment.runtimes.torch_eager import TorchRuntime
 from lib.evaluation.command import decide_dataset
 from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
 from lib.models.checkpoint import CheckpointError, load_model
-from lib.models.registry import MODEL_NAMES
+from lib.models.zoo import model_names
 from lib.training.runs import default_checkpoint
 from tools.benchmark_speed import measure
 
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--ckpt", default=None,
                         help="checkpoint (default: res/model_final.pth if it exists, else the "
                              "newest trained run's model_final.pth)")
-    parser.add_argument("--model", choices=MODEL_NAMES, default=None)
+    parser.add_argument("--model", choices=model_names(), default=None)
     parser.add_argument("--output", default=None, help="default: <ckpt>.int8.onnx")
     parser.add_argument("--dataset", default=None, choices=[*DATASETS, "list", "folders"],
                         help="default: the checkpoint's dataset")

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from lib.models.registry import build_model, infer_n_classes
+from lib.models.zoo import build_model, infer_n_classes
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:

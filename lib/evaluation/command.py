@@ -34,7 +34,7 @@ from lib.evaluation.evaluator import (
 )
 from lib.models.checkpoint import CheckpointError, load_model
 from lib.models.published import NAMES_HELP
-from lib.models.registry import MODEL_NAMES
+from lib.models.zoo import model_names
 from lib.training.runs import default_checkpoint
 
 logger = logging.getLogger("bisenet")
@@ -50,7 +50,7 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
                              f"{default_ckpt} if it exists, else the newest trained run's "
                              "model_final.pth)")
     if model_name is None:
-        parser.add_argument("--model", choices=MODEL_NAMES, default=None,
+        parser.add_argument("--model", choices=model_names(), default=None,
                             help="model of a bare state dict (inferred from its keys if omitted)")
     add_protocol_arguments(parser)
     parser.add_argument("--split", default="val", help="val, test (no labels) or train")

@@ -36,11 +36,12 @@ from lib.models.published import (
     published_entry,
     published_file,
 )
-from lib.models.registry import (
-    MODEL_NAMES,
+from lib.models.zoo import (
     build_model,
+    has_aux_heads,
     infer_model_name,
     infer_n_classes,
+    model_names,
     strip_module_prefix,
 )
 
@@ -148,7 +149,7 @@ def describe_checkpoint(
     except (KeyError, ValueError) as exc:
         raise CheckpointError(
             f"{path} is not a BiSeNet checkpoint of this repository ({exc}); "
-            f"known models: {', '.join(MODEL_NAMES)}"
+            f"known models: {', '.join(model_names())}"
         ) from exc
     if model_name is not None and model_name != found_name:
         raise CheckpointError(
@@ -177,8 +178,7 @@ def load_model(
     checkpoint = load_checkpoint(path)
     name, classes = describe_checkpoint(checkpoint, path, model_name, n_classes)
     state_dict = checkpoint.pop("state_dict")
-    has_aux = any(k.startswith(("aux", "conv_out16", "conv_out32")) for k in state_dict)
-    model = build_model(name, classes, aux_heads=has_aux)
+    model = build_model(name, classes, aux_heads=has_aux_heads(name, state_dict))
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:

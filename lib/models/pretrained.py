@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib.models.registry import MODEL_NAMES, strip_module_prefix
+from lib.models.registry import strip_module_prefix, variant
 
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 # the same ImageNet weights under torchvision's older file name
@@ -48,10 +48,11 @@ def load_pretrained_backbone(model: nn.Module, spec: str | None, model_name: str
     """Load ImageNet backbone weights into ``model`` according to ``spec``.
 
     Args:
-        model: a freshly built ``bisenetv1``, ``diss`` or ``bisenetv2`` model.
+        model: a freshly built model of the variant ``model_name``.
         spec: path of a weight file, ``"auto"`` (hub cache, else download; ``"backbone_v2"``
             says the same for BiSeNetV2) or ``"none"``/None.
-        model_name: the model's name (one of :data:`lib.models.registry.MODEL_NAMES`).
+        model_name: the model's name (a registered variant, see ``lib.models.registry``), whose
+            declared ``load_backbone`` does the loading.
 
     Returns:
         a one-line description of what was loaded, for the training log.
@@ -61,45 +62,55 @@ def load_pretrained_backbone(model: nn.Module, spec: str | None, model_name: str
         PretrainedWeightsError: ``auto`` could neither find nor download the weights, or the
             file's keys or shapes do not fit the backbone (the message names them).
     """
-    if model_name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    model_variant = variant(model_name)
     own_name = getattr(model, "model_name", model_name)
     if own_name != model_name:
         raise ValueError(f"model_name is {model_name!r} but the model is a {own_name!r}")
     if spec is None or spec.strip().lower() in ("", "none"):
         return "pretrained backbone: none, training from scratch (random initialisation)"
+    if model_variant.load_backbone is None:
+        raise ValueError(f"{model_name} declares no pretrained backbone: use --pretrained none")
+    return model_variant.load_backbone(model, spec)
 
-    is_v2 = model_name == "bisenetv2"
-    by_name = spec.strip().lower() == BACKBONE_V2_NAME and not Path(spec).expanduser().is_file()
-    if by_name and not is_v2:
-        raise ValueError(f"--pretrained {BACKBONE_V2_NAME} is BiSeNetV2's backbone; {model_name} "
-                         "uses the torchvision ResNet-18 ImageNet weights (--pretrained auto)")
+
+def _weights_file(spec: str, by_name: bool, url: str, file_names: tuple[str, ...],
+                  what: str) -> Path:
+    """The file ``spec`` names: a path, or (``auto`` or the weights' name) the hub cache."""
     if spec.strip().lower() == "auto" or by_name:
-        option = f"--pretrained {spec.strip()}"
         alternatives = (", or pass --pretrained PATH with a local copy, or pass --pretrained none "
                         "to train from scratch")
-        if is_v2:
-            path = cached_or_downloaded(
-                RELEASE_URL + BACKBONE_V2_FILES[0], BACKBONE_V2_FILES,
-                f"{option}: BiSeNetV2 ImageNet backbone (backbone_v2.pth)", alternatives,
-            )
-        else:
-            path = cached_or_downloaded(
-                RESNET18_URL, RESNET18_FILES, f"{option}: torchvision ImageNet ResNet-18 weights",
-                alternatives,
-            )
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"--pretrained {spec}: no such file (give a weight file, 'auto' or 'none')"
-            )
-    state = _read(path)
-    if is_v2:
-        count = _load_v2_branches(model, state, path)
-        return f"pretrained backbone: {count} detail/semantic branch tensors from {path}"
-    count = _load_resnet18(model.cp.resnet, state, path)
+        return cached_or_downloaded(url, file_names, f"--pretrained {spec.strip()}: {what}",
+                                    alternatives)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--pretrained {spec}: no such file (give a weight file, 'auto' or 'none')"
+        )
+    return path
+
+
+def _names_backbone_v2(spec: str) -> bool:
+    return spec.strip().lower() == BACKBONE_V2_NAME and not Path(spec).expanduser().is_file()
+
+
+def load_resnet18_backbone(model: nn.Module, spec: str) -> str:
+    """torchvision's ImageNet ResNet-18 into the context path's ``cp.resnet`` (BiSeNetV1, diss)."""
+    if _names_backbone_v2(spec):
+        raise ValueError(f"--pretrained {BACKBONE_V2_NAME} is BiSeNetV2's backbone; "
+                         f"{model.model_name} uses the torchvision ResNet-18 ImageNet weights "
+                         "(--pretrained auto)")
+    path = _weights_file(spec, False, RESNET18_URL, RESNET18_FILES,
+                         "torchvision ImageNet ResNet-18 weights")
+    count = _load_resnet18(model.cp.resnet, _read(path), path)
     return f"pretrained backbone: {count} ImageNet ResNet-18 tensors from {path} into cp.resnet"
+
+
+def load_v2_backbone(model: nn.Module, spec: str) -> str:
+    """The published ``backbone_v2.pth`` into BiSeNetV2's ``detail`` and ``segment`` branches."""
+    path = _weights_file(spec, _names_backbone_v2(spec), RELEASE_URL + BACKBONE_V2_FILES[0],
+                         BACKBONE_V2_FILES, "BiSeNetV2 ImageNet backbone (backbone_v2.pth)")
+    count = _load_v2_branches(model, _read(path), path)
+    return f"pretrained backbone: {count} detail/semantic branch tensors from {path}"
 
 
 @contextlib.contextmanager

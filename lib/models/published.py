@@ -20,10 +20,7 @@ from typing import Any
 import torch
 
 from lib.models import pretrained
-from lib.models.registry import build_model
-
-# keys of the training-time auxiliary heads; inference-only copies of the files may lack them
-AUX_PREFIXES = ("aux2.", "aux3.", "aux4.", "aux5_4.", "conv_out16.", "conv_out32.")
+from lib.models.zoo import build_model, has_aux_heads
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ def check_published_layout(state_dict: Mapping[str, Any], name: str, path: Path)
     The auxiliary heads may be absent altogether (a copy saved for inference), not in part.
     """
     entry = PUBLISHED[name]
-    has_aux = any(k.startswith(AUX_PREFIXES) for k in state_dict)
+    has_aux = has_aux_heads(entry.model, state_dict)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         expected = build_model(entry.model, entry.n_classes, aux_heads=has_aux).state_dict()
     pretrained.check_keys(

@@ -1,43 +1,73 @@
-"""Model names, construction, and recognition of a state dict's model and class count."""
+"""The model registry: every variant declares itself here, from its own folder.
+
+A variant's ``model.py`` builds its network and ends with ``register(ModelVariant(...))``: its
+name, constructor, the key that tells its state dicts apart (the published key layout), its main
+classifier's key, its training-time auxiliary heads and how its ImageNet backbone is loaded.
+Everything else (training, evaluation, export, checkpoints, published weights) finds a model
+through :func:`variant`. ``lib.models.zoo`` imports the variants the repository ships (and any
+named in ``$BISENET_MODELS``) so that they are registered.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-
-from bisenetv1.model import BiSeNetV1
-from bisenetv2.model import BiSeNetV2
-from diss.model import BiSeNetDiss
-
-MODEL_NAMES: tuple[str, ...] = ("bisenetv1", "bisenetv2", "diss")
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "bisenetv1": BiSeNetV1,
-    "bisenetv2": BiSeNetV2,
-    "diss": BiSeNetDiss,
-}
-
-# key of the main classifier's weight ([n_classes, C, 1, 1]) in each model
-_CLASSIFIER_KEYS = {
-    "bisenetv1": "conv_out.conv_out.weight",
-    "bisenetv2": "head.conv_out.1.weight",
-    "diss": "conv_out.conv_out.weight",
-}
-
 
 # key prefixes of wrapped models: DistributedDataParallel / DataParallel, torch.compile
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+@dataclass(frozen=True)
+class ModelVariant:
+    """What the rest of the code needs to know about one model family member."""
+
+    name: str
+    build: Callable[..., nn.Module]  # build(n_classes=..., aux_heads=...)
+    # a state dict is this variant's when it has a key starting with each of ``key_prefixes``
+    # and none starting with ``absent_prefixes`` (the published key layout)
+    key_prefixes: tuple[str, ...]
+    classifier_key: str  # the main classifier's weight, [n_classes, C, 1, 1]
+    aux_prefixes: tuple[str, ...] = ()  # training-time auxiliary heads (inference copies lack them)
+    absent_prefixes: tuple[str, ...] = ()
+    # load_backbone(model, spec) -> log line: ImageNet weights for ``--pretrained spec``
+    load_backbone: Callable[[nn.Module, str], str] | None = None
+
+    def matches(self, keys: list[str]) -> bool:
+        return (all(any(k.startswith(p) for k in keys) for p in self.key_prefixes)
+                and not any(k.startswith(self.absent_prefixes) for k in keys))
+
+
+VARIANTS: dict[str, ModelVariant] = {}
+
+
+def register(model_variant: ModelVariant) -> ModelVariant:
+    """Add a variant (a name registered twice must be the same declaration)."""
+    known = VARIANTS.get(model_variant.name)
+    if known is not None and known != model_variant:
+        raise ValueError(f"model {model_variant.name!r} is already registered differently")
+    VARIANTS[model_variant.name] = model_variant
+    return model_variant
+
+
+def model_names() -> tuple[str, ...]:
+    return tuple(VARIANTS)
+
+
+def variant(name: str) -> ModelVariant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
 def build_model(name: str, n_classes: int, aux_heads: bool = True) -> nn.Module:
-    """Build model ``name`` (one of :data:`MODEL_NAMES`) with ``n_classes`` outputs."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    """Build model ``name`` (one of :func:`model_names`) with ``n_classes`` outputs."""
+    model_variant = variant(name)
     if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
         raise ValueError(f"n_classes must be a positive integer, got {n_classes!r}")
-    return MODELS[name](n_classes=n_classes, aux_heads=aux_heads)
+    return model_variant.build(n_classes=n_classes, aux_heads=aux_heads)
 
 
 def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,23 +88,27 @@ def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def infer_model_name(state_dict: Mapping[str, Any]) -> str:
-    """Tell the model from the key names: ``sp.*`` -> bisenetv1, ``detail.*`` -> bisenetv2,
-    ``cp.*`` without ``sp.*`` -> diss. Raises ``ValueError`` for anything else."""
-    keys = strip_module_prefix(state_dict).keys()
-    if any(k.startswith("detail.") for k in keys):
-        return "bisenetv2"
-    if any(k.startswith("sp.") for k in keys):
-        return "bisenetv1"
-    if any(k.startswith("cp.") for k in keys):
-        return "diss"
-    sample = ", ".join(list(keys)[:5]) or "no keys"
+    """Tell the model from the key names (each variant's published layout, e.g. ``detail.*`` ->
+    bisenetv2, ``sp.*`` -> bisenetv1). Raises ``ValueError`` when no variant, or several, match."""
+    keys = list(strip_module_prefix(state_dict).keys())
+    found = [v.name for v in VARIANTS.values() if v.matches(keys)]
+    if len(found) == 1:
+        return found[0]
+    sample = ", ".join(keys[:5]) or "no keys"
+    if found:
+        raise ValueError(f"state dict matches several models ({', '.join(found)})")
     raise ValueError(f"state dict matches no known model (first keys: {sample})")
 
 
 def infer_n_classes(state_dict: Mapping[str, Any]) -> int:
     """Number of classes: the output channels of the main classifier."""
     state_dict = strip_module_prefix(state_dict)
-    key = _CLASSIFIER_KEYS[infer_model_name(state_dict)]
+    key = variant(infer_model_name(state_dict)).classifier_key
     if key not in state_dict:
         raise KeyError(f"state dict has no main classifier weight {key!r}")
     return int(state_dict[key].shape[0])
+
+
+def has_aux_heads(name: str, state_dict: Mapping[str, Any]) -> bool:
+    prefixes = variant(name).aux_prefixes
+    return bool(prefixes) and any(k.startswith(prefixes) for k in state_dict)

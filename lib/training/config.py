@@ -22,7 +22,7 @@ from lib.data.config import DATASET_DEFAULTS, DataConfig, dataset_defaults
 from lib.data.config import option as _opt
 from lib.data.transforms import TrainTransform
 from lib.evaluation.evaluator import DEFAULT_SCALES, EvalOptions
-from lib.models.registry import MODEL_NAMES
+from lib.models.zoo import model_names
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -241,8 +241,8 @@ def validate_config(cfg: TrainConfig) -> None:
     def fail(msg: str) -> None:
         raise ValueError(msg)
 
-    if cfg.model not in MODEL_NAMES:
-        fail(f"--model {cfg.model!r} is not one of {', '.join(MODEL_NAMES)}")
+    if cfg.model not in model_names():
+        fail(f"--model {cfg.model!r} is not one of {', '.join(model_names())}")
     cfg.data.validate()
     if cfg.max_iter < 1 or cfg.batch_size < 1:
         fail("--max-iter and --batch-size must be positive")

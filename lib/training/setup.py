@@ -33,7 +33,7 @@ from lib.models.checkpoint import (
     load_finetune_weights,
 )
 from lib.models.pretrained import load_pretrained_backbone
-from lib.models.registry import build_model
+from lib.models.zoo import build_model
 from lib.training.config import TrainConfig
 from lib.training.ema import WeightEma
 from lib.training.optim import build_optimizer
