@@ -1,12 +1,16 @@
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+
+from lib.data.toy_cityscapes import generate_toy_cityscapes
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_onnx_cache(tmp_path_factory):
-    """Graphs exported by `--runtime auto` (lib/runtimes) go to a temporary folder, not to the
-    user's ~/.cache; subprocesses inherit the variable."""
+    """Graphs exported by `--runtime auto` (lib/deployment/runtimes) go to a temporary folder,
+    not to the user's ~/.cache; subprocesses inherit the variable."""
     previous = os.environ.get("BISENET_CACHE")
     os.environ["BISENET_CACHE"] = str(tmp_path_factory.mktemp("bisenet_cache"))
     yield
@@ -14,3 +18,25 @@ def _private_onnx_cache(tmp_path_factory):
         del os.environ["BISENET_CACHE"]
     else:
         os.environ["BISENET_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def make_toy(tmp_path_factory) -> Callable[..., Path]:
+    """``make_toy(n_train, n_val, height, width)``: a toy Cityscapes of that size, written once
+    per session (tests only read it)."""
+    made: dict[tuple[int, int, int, int], Path] = {}
+
+    def make(n_train: int = 6, n_val: int = 2, height: int = 64, width: int = 128) -> Path:
+        key = (n_train, n_val, height, width)
+        if key not in made:
+            made[key] = generate_toy_cityscapes(tmp_path_factory.mktemp("toy"), n_train=n_train,
+                                                n_val=n_val, height=height, width=width)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def toy_root(make_toy) -> Path:
+    """The common small toy Cityscapes: 6 training and 2 validation images of 64x128."""
+    return make_toy()

@@ -17,7 +17,7 @@ from bisenetv2.train import PRESETS as V2_PRESETS
 from bisenetv2.train import RECIPE as V2_RECIPE
 from lib.data.dataset import build_dataset, prepare_dataset
 from lib.data.datasets import DATASETS
-from lib.data.datasets.toy import generate_toy
+from lib.data.toy import generate_toy
 from lib.evaluation.command import add_protocol_arguments, decide_dataset
 from lib.training.config import TrainConfig, parse_config
 

@@ -9,7 +9,7 @@ import pytest
 
 from lib.data.datasets import DATASETS, DatasetSpec, dataset_for_class_count, generate_palette
 from lib.data.datasets.base import raw_value_table
-from lib.data.datasets.toy import generate_toy
+from lib.data.toy import generate_toy
 
 REPO = Path(__file__).resolve().parents[1]
 COCO, ADE, CAMVID = DATASETS["coco-stuff"], DATASETS["ade20k"], DATASETS["camvid"]
@@ -178,7 +178,7 @@ def test_toy_layout_values_and_determinism(tmp_path, name):
 
 def test_toy_command_line_matches_the_function(tmp_path):
     api = generate_toy("ade20k", tmp_path / "api", n_train=2, n_val=1, height=32, width=48)
-    subprocess.run([sys.executable, "-m", "lib.data.datasets.toy", "--dataset", "ade20k", "--root",
+    subprocess.run([sys.executable, "-m", "lib.data.toy", "--dataset", "ade20k", "--root",
                     str(tmp_path / "cli"), "--n-train", "2", "--n-val", "1", "--height", "32",
                     "--width", "48"], cwd=REPO, check=True, capture_output=True)
     files = sorted(p.relative_to(api) for p in api.rglob("*") if p.is_file())

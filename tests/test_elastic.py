@@ -5,7 +5,6 @@ continues; both end with the weights of an uninterrupted run. Real processes and
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import free_port, train_command
 
-from lib.data.toy_cityscapes import generate_toy_cityscapes
 from lib.models.checkpoint import load_checkpoint
 from lib.training.runs import CHECKPOINT_PATTERN
 
@@ -24,25 +23,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 MAX_ITER = 10
 
 
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    return generate_toy_cityscapes(tmp_path_factory.mktemp("toy"), n_train=6, n_val=1,
-                                   height=64, width=128)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(toy_root: Path, out: Path, *launcher: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            f"--master_port={_free_port()}", *launcher, "bisenetv2/train.py",
-            "--data-root", str(toy_root), "--device", "cpu", "--output-dir", str(out),
-            "--crop-size", "64", "128", "--max-iter", str(MAX_ITER), "--warmup-iter", "1",
-            "--batch-size", "4", "--num-workers", "0", "--log-every", "1",
-            "--checkpoint-every", "3", "--no-eval-at-end", "--resume", "auto"]
+    launch = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+              f"--master_port={free_port()}", *launcher)
+    return train_command(toy_root, out, "--max-iter", str(MAX_ITER), "--batch-size", "4",
+                         "--log-every", "1", "--checkpoint-every", "3", "--no-eval-at-end",
+                         "--resume", "auto", python=launch)
 
 
 def _workers(launcher_pid: int) -> dict[int, int]:

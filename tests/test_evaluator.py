@@ -13,7 +13,6 @@ larger than the crop.
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import free_port
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -520,12 +520,6 @@ def test_model_mode_is_restored_and_ddp_like_wrappers_are_unwrapped():
     assert model.training and int(results["ss"].sum()) > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -538,7 +532,7 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_give_exactly_the_single_process_result(tmp_path):
-    mp.spawn(_gloo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     single = evaluate(conv_net(), random_dataset(), C, OPTIONS, **RUN)
     for rank in range(2):  # 5 images: ranks take 3 and 2; both get the sum
         multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

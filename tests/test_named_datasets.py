@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lib.data.dataset import build_dataset
 from lib.data.datasets import DATASETS
-from lib.data.datasets.toy import generate_toy
+from lib.data.toy import generate_toy
 from lib.deployment.inference import to_inference_form
 from lib.models.checkpoint import load_checkpoint, load_model
 from lib.training.config import TrainConfig, parse_config

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from test_deploy import _randomise_batchnorms
+from helpers import randomise_batchnorms
 from tools_loader import load_tool
 
 from lib.data.datasets.cityscapes import MEAN, STD
@@ -22,7 +22,7 @@ def test_int8_graph_agrees_with_fp32_on_toy_images(tmp_path):
                                    seed=2)
     torch.manual_seed(0)
     model = build_model("bisenetv2", 19, aux_heads=False)
-    _randomise_batchnorms(model)
+    randomise_batchnorms(model)
     model.eval()
     ckpt = tmp_path / "model_final.pth"
     torch.save(model.state_dict(), ckpt)

@@ -30,12 +30,6 @@ def _run(*cmd: str, timeout: int = 900) -> str:
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    return generate_toy_cityscapes(tmp_path_factory.mktemp("toy"), n_train=4, n_val=2,
-                                   height=64, width=128)
-
-
 @pytest.mark.parametrize("script, model, fp16", [("diss/train.py", "diss", False),
                                                  ("fp16/train.py", "bisenetv1", True)])
 def test_recipe_trains_saves_and_evaluates(script, model, fp16, toy_root, tmp_path):

@@ -6,15 +6,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import train_command
 
-from lib.data.toy_cityscapes import generate_toy_cityscapes
 from lib.models.checkpoint import load_checkpoint
 from lib.training.runs import CHECKPOINT_PATTERN, list_checkpoints
 
@@ -22,17 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    return generate_toy_cityscapes(tmp_path_factory.mktemp("toy"), n_train=6, n_val=2,
-                                   height=64, width=128)
-
-
 def _command(toy_root, out, *extra):
-    return [sys.executable, "bisenetv2/train.py", "--data-root", str(toy_root), "--device", "cpu",
-            "--output-dir", str(out), "--crop-size", "64", "128", "--max-iter", "30",
-            "--warmup-iter", "2", "--batch-size", "2", "--num-workers", "0", "--log-every", "1",
-            "--checkpoint-every", "2", "--keep-checkpoints", "2", "--no-eval-at-end", *extra]
+    return train_command(toy_root, out, "--max-iter", "30", "--warmup-iter", "2", "--log-every",
+                         "1", "--checkpoint-every", "2", "--keep-checkpoints", "2",
+                         "--no-eval-at-end", *extra)
 
 
 def _run(cmd):

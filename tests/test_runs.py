@@ -5,15 +5,14 @@ import hashlib
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_command
 
 import demo
 from bisenetv2.train import RECIPE
-from lib.data.toy_cityscapes import generate_toy_cityscapes
 from lib.evaluation.command import main as evaluate_main
 from lib.models.checkpoint import load_checkpoint, save_checkpoint
 from lib.training import trainer
@@ -33,18 +32,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPAT
 LR = re.compile(r"iter (\d+)/\d+ \| lr ([0-9.e-]+) ")
 
 
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    return generate_toy_cityscapes(tmp_path_factory.mktemp("toy"), n_train=4, n_val=1,
-                                   height=64, width=128)
-
-
 def _train(cwd: Path, toy_root: Path, *extra: str, ok: bool = True) -> str:
     """bisenetv2/train.py run from ``cwd``: its default run folders are ``cwd/res/bisenetv2``."""
-    cmd = [sys.executable, str(REPO / "bisenetv2/train.py"), "--data-root", str(toy_root),
-           "--device", "cpu", "--crop-size", "64", "128", "--warmup-iter", "1", "--batch-size",
-           "2", "--num-workers", "0", "--log-every", "1", "--checkpoint-every", "2",
-           "--keep-checkpoints", "1", "--no-eval-at-end", *extra]
+    # no --output-dir: the default run folders are what these tests are about
+    cmd = [arg for arg in train_command(toy_root, Path(), "--log-every", "1",
+                                        "--checkpoint-every", "2", "--keep-checkpoints", "1",
+                                        "--no-eval-at-end", *extra,
+                                        script=str(REPO / "bisenetv2/train.py"))]
+    del cmd[cmd.index("--output-dir"):cmd.index("--output-dir") + 2]
     proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
     assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr

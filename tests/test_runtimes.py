@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from test_deploy import _randomise_batchnorms
+from helpers import randomise_batchnorms
 
 from lib.data.config import DataConfig
 from lib.data.dataset import build_dataset
@@ -27,7 +27,7 @@ from lib.models.zoo import build_model
 def model():
     torch.manual_seed(0)
     model = build_model("bisenetv2", 19, aux_heads=True)
-    _randomise_batchnorms(model)
+    randomise_batchnorms(model)
     return model.eval()
 
 

@@ -19,23 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
-from lib.data.toy_cityscapes import generate_toy_cityscapes
 from lib.models.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "scancel", "squeue")
 MAX_ITER = 10
 JOB_TIMEOUT = 900  # seconds for one job; the CPU may be shared with other work
-
-
-def _free_port(low: int = 1024, high: int = 65536) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if low <= port < high:
-            return port
 
 
 def _is_free(port: int) -> bool:
@@ -51,7 +42,7 @@ def _first_job_id() -> int:
     """The trainer's port is 10000 + job id % 50000: start the job ids where the ports of the
     test's three jobs are free."""
     while True:
-        port = _free_port(10001, 59990)
+        port = free_port(10001, 59990)
         if all(_is_free(port + i) for i in range(3)):
             return port - 10000
 
@@ -161,7 +152,7 @@ def cluster(tmp_path_factory):
     key.write_bytes(os.urandom(1024))
     key.chmod(0o600)
     socket_path = root / "munge.socket"
-    ctld_port, node_port = _free_port(), _free_port()
+    ctld_port, node_port = free_port(), free_port()
     first_job_id = _first_job_id()
     conf = root / "slurm.conf"
     conf.write_text(f"""\
@@ -228,9 +219,8 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    return generate_toy_cityscapes(tmp_path_factory.mktemp("toy"), n_train=6, n_val=3,
-                                   height=64, width=128)
+def toy_root(make_toy):
+    return make_toy(n_val=3)  # 3 images over 2 evaluation tasks: an uneven share
 
 
 def _train_options(toy_root: Path) -> list[str]:

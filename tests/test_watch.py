@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from cityscapesscripts.helpers.labels import labels as cityscapes_labels
+from helpers import train_command
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -35,7 +36,6 @@ from lib.common.visualize import (
     training_curves,
 )
 from lib.data.dataset import build_dataset
-from lib.data.toy_cityscapes import generate_toy_cityscapes
 from lib.deployment.inference import to_inference_form
 from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
 from lib.models.checkpoint import load_checkpoint, load_model
@@ -63,18 +63,16 @@ VAL_LINE = re.compile(r"validation at iteration (\d+) .*: raw mIoU ([0-9.]+)% \|
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    return generate_toy_cityscapes(tmp_path_factory.mktemp("toy"), n_train=4, n_val=2,
-                                   height=H, width=W)
+def toy_root(make_toy):
+    return make_toy(n_train=4, n_val=2, height=H, width=W)
 
 
 def _command(toy_root, out, *extra):
     # -W error: no deprecation warning from our code paths (nor TensorBoard's, nor protobuf's)
-    return [sys.executable, "-W", "error::DeprecationWarning", "bisenetv2/train.py",
-            "--data-root", str(toy_root), "--device", "cpu", "--output-dir", str(out),
-            "--crop-size", str(H), str(W), "--max-iter", str(MAX_ITER), "--warmup-iter", "1",
-            "--batch-size", "2", "--num-workers", "0", "--log-every", "1", "--checkpoint-every",
-            "2", "--keep-checkpoints", "10", "--eval-every", "2", "--ema-decay", "0.9", *extra]
+    return train_command(toy_root, out, "--crop-size", str(H), str(W), "--max-iter",
+                         str(MAX_ITER), "--log-every", "1", "--checkpoint-every", "2",
+                         "--keep-checkpoints", "10", "--eval-every", "2", "--ema-decay", "0.9",
+                         *extra, python=(sys.executable, "-W", "error::DeprecationWarning"))
 
 
 @pytest.fixture(scope="module")

@@ -34,15 +34,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lib.deployment.export import (
-    EXPORTERS,
-    FORMATS,
-    MAX_RELATIVE_DIFF,
-    MIN_AGREEMENT,
-    SUFFIXES,
-    verify,
-)
+from lib.deployment.export import EXPORTERS, FORMATS, SUFFIXES
 from lib.deployment.runtimes import RuntimeUnavailable
+from lib.deployment.verify import MAX_RELATIVE_DIFF, MIN_AGREEMENT, verify
 from lib.models.checkpoint import CheckpointError, load_model
 from lib.models.published import NAMES_HELP, published_entry
 from lib.models.zoo import model_names

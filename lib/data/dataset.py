@@ -25,8 +25,7 @@ from lib.common.visualize import make_palette
 from lib.data.checks import check_pairs, label_id_problem
 from lib.data.config import DataConfig
 from lib.data.datasets import DATASETS
-from lib.data.datasets.toy import generate_toy
-from lib.data.toy_cityscapes import generate_toy_cityscapes
+from lib.data.toy import generate_toy
 from lib.data.transforms import EvalTransform
 
 Pair = tuple[Path, Path | None]
@@ -365,10 +364,10 @@ def prepare_dataset(cfg: DataConfig) -> None:
     if DATASETS[cfg.dataset].folders(root, "train")[0].is_dir():
         return
     logging.getLogger("bisenet").info("generating the toy %s dataset in %s", cfg.dataset, root)
-    if cfg.dataset == "cityscapes":
-        generate_toy_cityscapes(root)
-    else:
-        generate_toy(cfg.dataset, root)
+    # the quickstart's toy Cityscapes, smaller sets of the others
+    sizes = ({"n_train": 150, "n_val": 30, "height": 128, "width": 256}
+             if cfg.dataset == "cityscapes" else {})
+    generate_toy(cfg.dataset, root, **sizes)
 
 
 def worker_init(worker_id: int) -> None:

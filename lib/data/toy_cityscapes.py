@@ -32,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lib.data.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
+
 # Cityscapes label ids used by the toy scenes
 ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = (
     7, 8, 11, 17, 20, 21, 22, 23, 24, 26)
@@ -270,8 +272,6 @@ def colour_baseline_miou(root: str | Path) -> tuple[float, np.ndarray]:
     Class mean colours are measured on the train split, predictions scored on val. Returns the
     mIoU over the classes present in val and the (19,) per-class IoU (NaN for absent classes).
     """
-    from lib.data.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, find_cityscapes_pairs
-
     n = 19
 
     def load(split):

@@ -15,8 +15,8 @@ from lib.models.checkpoint import save_checkpoint
 from lib.training.config import TrainConfig
 from lib.training.divergence import diverged, weights_finite
 from lib.training.ema import WeightEma
-from lib.training.lr_scheduler import WarmupPolyLR
 from lib.training.monitor import TrainingHistory
+from lib.training.optim import WarmupPolyLR
 from lib.training.validation import BestModel
 
 logger = logging.getLogger("bisenet")

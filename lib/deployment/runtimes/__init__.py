@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lib.deployment.export import export_onnx
 from lib.deployment.runtimes.base import Runtime, RuntimeUnavailable
 from lib.deployment.runtimes.onnx_runtime import OnnxRuntime
 from lib.deployment.runtimes.openvino_runtime import OpenVinoRuntime
@@ -64,8 +65,6 @@ def _weights_digest(model: nn.Module) -> str:
 
 def onnx_graph(model: nn.Module, cache_dir: str | Path | None = None) -> Path:
     """The model's ONNX graph (logits, dynamic sizes), exported once per set of weights."""
-    from lib.deployment.export import export_onnx
-
     if importlib.util.find_spec("onnxscript") is None:
         raise RuntimeUnavailable("exporting the ONNX graph needs the 'onnxscript' package "
                                  "(pip install onnxscript)")

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import randomise_batchnorms
 from torch import nn
 
 from lib.deployment.inference import fold_all_batchnorms, to_inference_form
@@ -7,22 +8,11 @@ from lib.deployment.runtimes.torch_eager import TorchRuntime
 from lib.models.zoo import build_model, model_names
 
 
-def _randomise_batchnorms(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
-
-
 @pytest.mark.parametrize("name", model_names())
 def test_inference_form_equals_eval_model(name):
     torch.manual_seed(0)
     model = build_model(name, 5, aux_heads=True)
-    _randomise_batchnorms(model)
+    randomise_batchnorms(model)
     model.eval()
     deploy = to_inference_form(model)
     remaining = sum(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())

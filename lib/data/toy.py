@@ -1,11 +1,15 @@
-"""Toy datasets in the official COCO-Stuff, ADE20K and CamVid layouts, generated on demand.
+"""Toy datasets in the official Cityscapes, COCO-Stuff, ADE20K and CamVid layouts, on demand.
+
+The one generator of toy data: Cityscapes' is written by ``lib.data.toy_cityscapes`` (which also
+paints the street scenes), the others here from the same scenes.
 
 The scenes are the toy Cityscapes' street scenes (``lib.data.toy_cityscapes.draw_scene``: textured
 sky, buildings, trees, road, sidewalk, terrain, cars, people, poles and signs), with each element
 written as the raw label value that the dataset uses for the nearest class, void included, so
 that every reader, label mapping and value check runs on files like the real ones:
 
-    python -m lib.data.datasets.toy --dataset ade20k --root data/toy_ade20k
+    python -m lib.data.toy --dataset ade20k --root data/toy_ade20k
+    python -m lib.data.toy --dataset cityscapes --root data/toy_cityscapes
 
 COCO-Stuff and ADE20K images are JPEGs, CamVid's PNGs; labels are PNGs. Same arguments, same bytes.
 """
@@ -74,8 +78,12 @@ def generate_toy(name: str, root: str | Path, n_train: int = 40, n_val: int = 10
                  height: int = 96, width: int = 128, seed: int = 0, n_test: int = 0) -> Path:
     """Write a toy ``name`` dataset (a key of ``DATASETS``) under ``root``; returns ``root``.
 
-    ``n_test`` needs a dataset with a test split (CamVid, whose test labels are public).
+    ``n_test`` needs a dataset with a test split (CamVid, whose test labels are public;
+    Cityscapes' test split has images only).
     """
+    if name == "cityscapes":
+        return scene.generate_toy_cityscapes(root, n_train=n_train, n_val=n_val, n_test=n_test,
+                                             height=height, width=width, seed=seed)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     spec = DATASETS[name]
@@ -115,16 +123,24 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--root", required=True)
-    parser.add_argument("--n-train", type=int, default=40)
-    parser.add_argument("--n-val", type=int, default=10)
-    parser.add_argument("--n-test", type=int, default=0, help="CamVid only")
-    parser.add_argument("--height", type=int, default=96)
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--n-train", type=int, default=None,
+                        help="training images (default: 150 for cityscapes, else 40)")
+    parser.add_argument("--n-val", type=int, default=None,
+                        help="validation images (default: 30 for cityscapes, else 10)")
+    parser.add_argument("--n-test", type=int, default=0, help="CamVid and Cityscapes only")
+    parser.add_argument("--height", type=int, default=None,
+                        help="image height (default: 128 for cityscapes, else 96)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="image width (default: 256 for cityscapes, else 128)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    root = generate_toy(args.dataset, args.root, n_train=args.n_train, n_val=args.n_val,
-                        height=args.height, width=args.width, seed=args.seed,
-                        n_test=args.n_test)
+    # the defaults of the quickstart's toy Cityscapes, and smaller sets for the others
+    defaults = ((150, 30, 128, 256) if args.dataset == "cityscapes" else (40, 10, 96, 128))
+    given = (args.n_train, args.n_val, args.height, args.width)
+    n_train, n_val, height, width = (d if g is None else g
+                                     for g, d in zip(given, defaults, strict=True))
+    root = generate_toy(args.dataset, args.root, n_train=n_train, n_val=n_val, height=height,
+                        width=width, seed=args.seed, n_test=args.n_test)
     print(f"toy {args.dataset} written to {root}")
 
 
