@@ -26,16 +26,16 @@ import torch
 from tqdm import tqdm
 
 from lib.common.distributed import select_device
-from lib.common.visualize import colourise, make_palette
+from lib.common.visualize import colourise
 from lib.data.dataset import IMAGE_EXTENSIONS
 from lib.data.datasets import DATASETS
 from lib.data.datasets.cityscapes import MEAN, STD
+from lib.data.palette import make_palette
 from lib.deployment.examples import normalise
 from lib.deployment.runtimes import RUNTIME_NAMES, RuntimeUnavailable, build_runtime
-from lib.models.checkpoint import CheckpointError, load_model
+from lib.models.checkpoint import CheckpointError, default_checkpoint, load_model
 from lib.models.published import NAMES_HELP
 from lib.models.zoo import model_names
-from lib.training.runs import default_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lib.common.visualize import cityscapes_palette, colourise, make_palette
+from lib.common.visualize import colourise
 from lib.data.datasets.cityscapes import (
     CLASS_NAMES,
     LABEL_ID_TO_TRAIN_ID,
@@ -14,6 +14,7 @@ from lib.data.datasets.cityscapes import (
     TRAIN_ID_TO_LABEL_ID,
     find_cityscapes_pairs,
 )
+from lib.data.palette import cityscapes_palette, make_palette
 
 
 def test_label_table_equals_the_official_one_for_every_id():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import demo
-from lib.common.visualize import make_palette
+from lib.data.palette import make_palette
 from lib.deployment.examples import normalise
 from lib.models.checkpoint import save_checkpoint
 from lib.models.zoo import build_model

@@ -14,14 +14,13 @@ from helpers import train_command
 import demo
 from bisenetv2.train import RECIPE
 from lib.evaluation.command import main as evaluate_main
-from lib.models.checkpoint import load_checkpoint, save_checkpoint
+from lib.models.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
 from lib.training import trainer
 from lib.training.config import TrainConfig, parse_config
 from lib.training.runs import (
     DEFINING_FIELDS,
     FREE_FIELDS,
     SCHEDULE_FIELDS,
-    default_checkpoint,
     list_runs,
     new_run_dir,
     plan_run,

@@ -37,10 +37,9 @@ from torch import nn
 from lib.deployment.export import EXPORTERS, FORMATS, SUFFIXES
 from lib.deployment.runtimes import RuntimeUnavailable
 from lib.deployment.verify import MAX_RELATIVE_DIFF, MIN_AGREEMENT, verify
-from lib.models.checkpoint import CheckpointError, load_model
+from lib.models.checkpoint import CheckpointError, default_checkpoint, load_model
 from lib.models.published import NAMES_HELP, published_entry
 from lib.models.zoo import model_names
-from lib.training.runs import default_checkpoint
 
 
 def export(model: nn.Module, path: pathlib.Path, fmt: str, argmax: bool = False,

@@ -37,9 +37,8 @@ from lib.deployment.runtimes import RUNTIMES, RuntimeUnavailable, onnx_graph
 from lib.deployment.runtimes.torch_eager import TorchRuntime
 from lib.evaluation.command import decide_dataset
 from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
-from lib.models.checkpoint import CheckpointError, load_model
+from lib.models.checkpoint import CheckpointError, default_checkpoint, load_model
 from lib.models.zoo import model_names
-from lib.training.runs import default_checkpoint
 from tools.benchmark_speed import measure
 
 MAX_LATENCY_RATIO = 0.6

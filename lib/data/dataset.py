@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lib.common.visualize import make_palette
 from lib.data.checks import check_pairs, label_id_problem
 from lib.data.config import DataConfig
 from lib.data.datasets import DATASETS
+from lib.data.palette import make_palette
 from lib.data.toy import generate_toy
 from lib.data.transforms import EvalTransform
 

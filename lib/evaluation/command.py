@@ -32,10 +32,9 @@ from lib.evaluation.evaluator import (
     format_iou_table,
     iou_from_confusion,
 )
-from lib.models.checkpoint import CheckpointError, load_model
+from lib.models.checkpoint import CheckpointError, default_checkpoint, load_model
 from lib.models.published import NAMES_HELP
 from lib.models.zoo import model_names
-from lib.training.runs import default_checkpoint
 
 logger = logging.getLogger("bisenet")
 DEFAULT = EvalOptions()

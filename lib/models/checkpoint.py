@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,11 @@ from lib.models.zoo import (
 )
 
 logger = logging.getLogger(__name__)
+
+# what a finished training run leaves in its folder; evaluate.py, demo.py and the tools default
+# to the newest one
+FINAL_NAME = "model_final.pth"
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used, with the reason and the path in the message."""
@@ -219,4 +225,25 @@ def load_finetune_weights(model: nn.Module, path: str, n_classes: int) -> str:
     return message
 
 
+def newest_final_model(root: str | Path = "res") -> Path | None:
+    """The most recently written ``model_final.pth`` in a run folder under ``root``, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = [p for p in root.rglob(FINAL_NAME) if p.parent != root and p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)), default=None)
 
+
+def default_checkpoint(preferred: str | Path, search_root: str | Path = "res") -> Path:
+    """``preferred`` when it exists, else the newest trained final model under ``search_root``.
+
+    Says on stderr which file was chosen, so that a default never silently picks a surprise.
+    """
+    preferred = Path(preferred)
+    if preferred.is_file():
+        return preferred
+    newest = newest_final_model(search_root)
+    if newest is None:
+        return preferred  # loading then fails with "checkpoint not found: <preferred>"
+    print(f"{preferred} not found: using the newest trained model, {newest}", file=sys.stderr)
+    return newest

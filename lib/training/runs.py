@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib.models.checkpoint import CheckpointError, load_checkpoint
+from lib.models.checkpoint import FINAL_NAME, CheckpointError, load_checkpoint
 
 logger = logging.getLogger("bisenet")
 
 CHECKPOINT_PATTERN = "checkpoint_iter{:07d}.pth"
-FINAL_NAME = "model_final.pth"
 _CHECKPOINT_RE = re.compile(r"checkpoint_iter(\d+)\.pth$")
 RUN_MARKER = "run.json"
 
@@ -125,32 +124,6 @@ def _describe(folder: Path) -> str:
     return ", ".join(parts)
 
 
-def newest_final_model(root: str | Path = "res") -> Path | None:
-    """The most recently written ``model_final.pth`` in a run folder under ``root``, or None."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    found = [p for p in root.rglob(FINAL_NAME) if p.parent != root and p.is_file()]
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)), default=None)
-
-
-def default_checkpoint(preferred: str | Path, search_root: str | Path = "res") -> Path:
-    """``preferred`` when it exists, else the newest trained final model under ``search_root``.
-
-    Says on stderr which file was chosen, so that a default never silently picks a surprise.
-    """
-    preferred = Path(preferred)
-    if preferred.is_file():
-        return preferred
-    newest = newest_final_model(search_root)
-    if newest is None:
-        return preferred  # loading then fails with "checkpoint not found: <preferred>"
-    print(f"{preferred} not found: using the newest trained model, {newest}", file=sys.stderr)
-    return newest
-
-
-
-
 # ---------------------------------------------------------------------------------------------
 # What a resumed run may change. Every TrainConfig field is in exactly one group (a test checks).
 
@@ -216,9 +189,9 @@ def compare_resume_config(saved: dict, cfg, path: str | Path) -> list[tuple[str,
     return schedule
 
 
-__all__ = ["RunPlan", "plan_run", "list_runs", "new_run_dir", "newest_final_model",
-           "default_checkpoint", "holds_run", "RUN_MARKER", "RunFinished", "compare_resume_config",
-           "DEFINING_FIELDS", "SCHEDULE_FIELDS", "FREE_FIELDS"]
+__all__ = ["RunPlan", "plan_run", "list_runs", "new_run_dir", "holds_run", "RUN_MARKER",
+           "RunFinished", "compare_resume_config", "DEFINING_FIELDS", "SCHEDULE_FIELDS",
+           "FREE_FIELDS"]
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
