@@ -134,18 +134,30 @@ def draw_scene(height: int, width: int, rng: np.random.Generator, class_colour_p
                object_density: float = 1.0, texture_strength: float = 1.0
                ) -> tuple[np.ndarray, np.ndarray]:
     """One street scene: (HxWx3 uint8 RGB image, HxW uint8 label ids); options as in
-    :func:`generate_toy_cityscapes`."""
+    :func:`generate_toy_cityscapes`. Painted back to front: sky and buildings, the ground, the
+    objects (far to near, so that near ones occlude), the void regions, then light and noise."""
     c = _Canvas(height, width, rng, class_colour_prob, texture_strength)
-
-    def count(low: int, high: int) -> int:
-        drawn = int(rng.integers(low, high))
-        return drawn if object_density == 1.0 else max(0, round(drawn * object_density))
+    horizon = height * rng.uniform(0.38, 0.48)
+    vanish_x = width * rng.uniform(0.35, 0.65)
+    _draw_skyline(c, rng, horizon)
+    _draw_ground(c, rng, horizon, vanish_x)
+    _draw_objects(c, rng, horizon, vanish_x, object_density)
     h, w, u = height, width, c.unit
-    horizon = h * rng.uniform(0.38, 0.48)
-    vanish_x = w * rng.uniform(0.35, 0.65)
+    # void regions: the ego vehicle's bonnet at the bottom, a few static things
+    c.rect(h * rng.uniform(0.9, 0.95), h, 0, w, EGO_VEHICLE, np.full(3, 30.0, np.float32))
+    if rng.random() < 0.5:
+        y = horizon + rng.uniform(0.05, 0.2) * h
+        c.rect(y - 6 * u, y, 0, rng.uniform(0.03, 0.08) * w, STATIC)
+    # lighting and sensor noise, so that PNGs have natural-image statistics
+    light = 1.0 + 0.15 * np.sin(c.xx / w * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6))
+    image = c.image * light[..., None] + rng.normal(0, 4.0, c.image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8), c.label
 
+
+def _draw_skyline(c: _Canvas, rng: np.random.Generator, horizon: float) -> None:
+    """The sky, buildings along the horizon, trees in front of some of them."""
+    h, w, u = c.h, c.w, c.unit
     c.paint(c.yy < horizon, SKY)
-    # buildings along the horizon, trees in front of some of them
     x = rng.uniform(-0.1, 0.05) * w
     while x < w:
         bw = rng.uniform(0.12, 0.3) * w
@@ -156,7 +168,10 @@ def draw_scene(height: int, width: int, rng: np.random.Generator, class_colour_p
         c.ellipse(horizon - rng.uniform(0, 0.12) * h, rng.uniform(0, w), rng.uniform(0.1, 0.2) * h,
                   rng.uniform(0.06, 0.14) * w, VEGETATION)
 
-    # ground: sidewalk on both sides of the road, terrain patches at the outer edges
+
+def _draw_ground(c: _Canvas, rng: np.random.Generator, horizon: float, vanish_x: float) -> None:
+    """Sidewalk on both sides of the road, terrain patches at the outer edges, lane markings."""
+    h, u = c.h, c.unit
     ground = c.yy >= horizon
     c.paint(ground, SIDEWALK)
     depth = np.clip(c.yy - horizon, 0, None)
@@ -171,7 +186,15 @@ def draw_scene(height: int, width: int, rng: np.random.Generator, class_colour_p
     dash = (np.abs(c.xx - vanish_x) < 0.02 * depth + 0.5 * u) & ((depth // (6 * u)) % 2 == 0)
     c.image[ground & dash] = 235.0
 
-    # objects, far to near so that near ones occlude
+
+def _draw_objects(c: _Canvas, rng: np.random.Generator, horizon: float, vanish_x: float,
+                  object_density: float) -> None:
+    """Cars, people and poles with signs, far to near so that near ones occlude."""
+    h, w, u = c.h, c.w, c.unit
+
+    def count(low: int, high: int) -> int:
+        drawn = int(rng.integers(low, high))
+        return drawn if object_density == 1.0 else max(0, round(drawn * object_density))
     objects = []
     for _ in range(count(1, 4)):
         objects.append(("car", horizon + rng.uniform(0.15, 0.5) * h))
@@ -207,17 +230,6 @@ def draw_scene(height: int, width: int, rng: np.random.Generator, class_colour_p
                 radius = max(9 * u, scale * 0.12 * h)
                 c.ellipse(top, px, radius, radius, SIGN)
                 c.ellipse(top, px, 0.6 * radius, 0.6 * radius, SIGN, c.colour(SIGN))
-
-    # void regions: the ego vehicle's bonnet at the bottom, a few static things
-    c.rect(h * rng.uniform(0.9, 0.95), h, 0, w, EGO_VEHICLE, np.full(3, 30.0, np.float32))
-    if rng.random() < 0.5:
-        y = horizon + rng.uniform(0.05, 0.2) * h
-        c.rect(y - 6 * u, y, 0, rng.uniform(0.03, 0.08) * w, STATIC)
-
-    # lighting and sensor noise, so that PNGs have natural-image statistics
-    light = 1.0 + 0.15 * np.sin(c.xx / w * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6))
-    image = c.image * light[..., None] + rng.normal(0, 4.0, c.image.shape).astype(np.float32)
-    return np.clip(image, 0, 255).astype(np.uint8), c.label
 
 
 def generate_toy_cityscapes(
