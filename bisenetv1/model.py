@@ -206,9 +206,14 @@ class BiSeNetV1(nn.Module):
         return out, self.conv_out16(context8, size), self.conv_out32(context16, size)
 
 
+# BiSeNetV1's published ADE20K and COCO-Stuff weights were trained and scored at 512, not at the
+# datasets' 640
+PUBLISHED_PROTOCOL = {"ade20k": {"eval_short_side": 512, "eval_crop_size": (512, 512)},
+                      "coco-stuff": {"eval_crop_size": (512, 512)}}
+
 # state dicts with a spatial path ("sp.*") are BiSeNetV1's (model_final_v1_*.pth)
 VARIANT = register(ModelVariant(
     name="bisenetv1", build=BiSeNetV1, key_prefixes=("sp.",),
     classifier_key="conv_out.conv_out.weight", aux_prefixes=("conv_out16.", "conv_out32."),
-    load_backbone=load_resnet18_backbone,
+    load_backbone=load_resnet18_backbone, eval_protocol=PUBLISHED_PROTOCOL,
 ))

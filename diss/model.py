@@ -18,7 +18,7 @@ The network is :class:`bisenetv1.model.BiSeNetV1` built without its spatial path
 
 from __future__ import annotations
 
-from bisenetv1.model import BiSeNetV1
+from bisenetv1.model import PUBLISHED_PROTOCOL, BiSeNetV1
 from lib.models.pretrained import load_resnet18_backbone
 from lib.models.registry import ModelVariant, register
 
@@ -46,5 +46,5 @@ class BiSeNetDiss(BiSeNetV1):
 VARIANT = register(ModelVariant(
     name="diss", build=BiSeNetDiss, key_prefixes=("cp.",), absent_prefixes=("sp.",),
     classifier_key="conv_out.conv_out.weight", aux_prefixes=("conv_out16.", "conv_out32."),
-    load_backbone=load_resnet18_backbone,
+    load_backbone=load_resnet18_backbone, eval_protocol=PUBLISHED_PROTOCOL,  # V1's recipes
 ))

@@ -65,20 +65,13 @@ class DataConfig:
 # options whose defaults follow --dataset when it names another dataset than the recipe's
 DATASET_DEFAULTS = ("n_classes", "mean", "std", "eval_short_side", "eval_crop_size")
 
-# BiSeNetV1's published ADE20K and COCO-Stuff weights were trained and scored at 512, not 640
-_V1_PROTOCOL = {"ade20k": {"eval_short_side": 512, "eval_crop_size": (512, 512)},
-                "coco-stuff": {"eval_crop_size": (512, 512)}}
-
-
-def dataset_defaults(dataset: str, model: str | None = None) -> dict[str, Any]:
+def dataset_defaults(dataset: str) -> dict[str, Any]:
     """The values of ``DATASET_DEFAULTS`` that the named ``dataset`` implies ({} for list and
-    folders: custom data keeps the recipe's); ``model`` picks BiSeNetV1's protocol where the
-    published V1 weights used another one."""
+    folders: custom data keeps the recipe's). A model variant may score a dataset otherwise
+    (``ModelVariant.eval_protocol``)."""
     spec = DATASETS.get(dataset)
     if spec is None:
         return {}
     values = {"n_classes": spec.n_classes, "mean": spec.mean, "std": spec.std,
               "eval_short_side": spec.eval_short_side, "eval_crop_size": spec.eval_crop_size}
-    if model in ("bisenetv1", "diss"):
-        values.update(_V1_PROTOCOL.get(dataset, {}))
     return values

@@ -34,7 +34,7 @@ from lib.evaluation.evaluator import (
 )
 from lib.models.checkpoint import CheckpointError, default_checkpoint, load_model
 from lib.models.published import NAMES_HELP
-from lib.models.zoo import model_names
+from lib.models.zoo import model_names, variant
 
 logger = logging.getLogger("bisenet")
 DEFAULT = EvalOptions()
@@ -156,7 +156,10 @@ def decide_dataset(args: argparse.Namespace, meta: Mapping[str, Any]) -> Evaluat
                          f"({', '.join(DATASETS)}, list or folders)")
     other_dataset = name != saved.get("dataset")
     model = meta.get("model")
-    protocol = {**saved, **dataset_defaults(name, model)} if other_dataset else saved
+    protocol = saved
+    if other_dataset:
+        own = variant(model).eval_protocol.get(name, {}) if model else {}
+        protocol = {**saved, **dataset_defaults(name), **own}
     defaults = DATASETS.get(name) or DataConfig()
     n_classes = meta.get("n_classes") or dataset_defaults(name).get("n_classes")
     data = DataConfig(

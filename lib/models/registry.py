@@ -11,7 +11,7 @@ named in ``$BISENET_MODELS``) so that they are registered.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -34,6 +34,12 @@ class ModelVariant:
     absent_prefixes: tuple[str, ...] = ()
     # load_backbone(model, spec) -> log line: ImageNet weights for ``--pretrained spec``
     load_backbone: Callable[[nn.Module, str], str] | None = None
+    # dataset -> evaluation options where this variant's published weights were scored
+    # otherwise than the dataset's protocol (e.g. {"ade20k": {"eval_short_side": 512}})
+    eval_protocol: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __hash__(self) -> int:  # declarations are compared by name and contents
+        return hash(self.name)
 
     def matches(self, keys: list[str]) -> bool:
         return (all(any(k.startswith(p) for k in keys) for p in self.key_prefixes)
