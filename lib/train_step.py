@@ -22,6 +22,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
+from lib.loss import OhemCrossEntropy
+
 # Device type -> whether channels-last is the default memory format of the training step.
 # Measured with tools/benchmark_train.py (see README, Training): on the CPU the channels-last
 # step was not clearly faster than the contiguous one (1-2% for V1 and V2).
@@ -69,18 +71,21 @@ def without_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def step_losses(net: nn.Module, criterion: nn.Module, images: torch.Tensor,
+def step_losses(net: nn.Module, criterion: OhemCrossEntropy, images: torch.Tensor,
                 labels: torch.Tensor, aux_weight: float,
                 autocast: AbstractContextManager | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss and the per-output losses (main output first, then auxiliary heads).
 
-    ``autocast`` wraps the network only; the loss is computed in float32.
+    ``autocast`` wraps the network only; the loss is computed in float32 (from the fp16/bf16
+    logits, without a float32 copy of them).
     """
-    with autocast or nullcontext():
+    # named ranges for torch.profiler (tools/benchmark_train.py --profile); free otherwise
+    with torch.profiler.record_function("forward"), autocast or nullcontext():
         outputs = net(images)
-    losses = torch.stack([criterion(out.float(), labels) for out in outputs])
-    return losses[0] + aux_weight * losses[1:].sum(), losses
+    with torch.profiler.record_function("loss"):
+        losses = criterion.output_losses(outputs, labels)
+        return losses[0] + aux_weight * losses[1:].sum(), losses
 
 
 __all__ = ["CHANNELS_LAST_DEFAULT", "use_channels_last", "to_memory_format",

@@ -65,6 +65,8 @@ VARIANTS = {
     "compile-autotune": (False, "max-autotune-no-cudagraphs", False),
 }
 DEFAULT_VARIANTS = ("eager", "channels-last", "compile", "compile+cl", "amp")
+# the torch.profiler ranges of a step (lib/train_step.step_losses and train_step below)
+STEP_RANGES = ("forward", "loss", "backward", "optimizer")
 
 
 @dataclass
@@ -97,9 +99,31 @@ def train_step(runner: Runner, criterion: nn.Module, images: torch.Tensor,
     loss, _ = step_losses(runner.net, criterion, images, labels, aux_weight=1.0,
                           autocast=autocast_context(images.device, runner.amp))
     runner.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    runner.optimizer.step()
+    with torch.profiler.record_function("backward"):
+        loss.backward()
+    with torch.profiler.record_function("optimizer"):
+        runner.optimizer.step()
     return loss.detach()
+
+
+def profile_step(runner: Runner, criterion: nn.Module, batch, device: torch.device,
+                 rows: int) -> str:
+    """torch.profiler's table of one more step: the ranges forward / loss / backward / optimizer
+    and the operators that take the most time (device time on CUDA, CPU time otherwise)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        train_step(runner, criterion, *batch, seed=iteration_seed(0, 0, 0))
+        _sync(device)
+    averages = prof.key_averages()
+    on_device = device.type == "cuda"
+    ranges = {event.key: (event.device_time_total if on_device else event.cpu_time_total) / 1e3
+              for event in averages if event.key in STEP_RANGES}
+    summary = ", ".join(f"{name} {ranges.get(name, 0.0):.1f} ms" for name in STEP_RANGES)
+    sort_by = "self_cuda_time_total" if on_device else "self_cpu_time_total"
+    return (f"{'device' if on_device else 'CPU'} time per part of the step: {summary}\n"
+            + averages.table(sort_by=sort_by, row_limit=rows))
 
 
 def _sync(device: torch.device) -> None:
@@ -142,6 +166,11 @@ def benchmark_model(model_name: str, variants: list[str], args, device: torch.de
             _sync(device)
             runner.round_s.append((time.perf_counter() - tic) / args.iters)
 
+    if args.profile:
+        for runner in runners:
+            print(f"{model_name} {runner.name}: torch.profiler, one step", flush=True)
+            print(profile_step(runner, criterion, batches[0], device, args.profile), flush=True)
+
     reference = next((r for r in runners if r.name == "eager"), None)
     rows = []
     for runner in runners:
@@ -176,6 +205,9 @@ def main(argv=None) -> list:
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (0: PyTorch's default)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing, print torch.profiler's table (ROWS operators) of one "
+                        "step of each variant (0: off)")
     args = parser.parse_args(argv)
     if args.compare_iters < 1 or args.iters < 1 or args.rounds < 1:
         parser.error("--compare-iters, --iters and --rounds must be at least 1")
