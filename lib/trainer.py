@@ -52,7 +52,15 @@ from lib.pretrained import PretrainedWeightsError, load_pretrained_backbone
 from lib.runs import RunFinished, RunPlan, compare_resume_config, plan_run
 from lib.sampler import InfiniteShardedSampler
 from lib.sync_batchnorm import convert_sync_batchnorm
-from lib.train_step import compile_for_training, step_losses, to_memory_format, use_channels_last
+from lib.train_step import (
+    compile_for_training,
+    describe_step,
+    set_backend_defaults,
+    step_losses,
+    to_memory_format,
+    use_channels_last,
+    use_compile,
+)
 from lib.validation import BestModel, validate
 from lib.visualize import training_curves, write_rgb
 
@@ -434,8 +442,14 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
             gradient_as_bucket_view=True,
         )
 
-    if cfg.compile:
+    compiled = use_compile(cfg.compile, device, cfg.max_iter - state.iteration,
+                           uses_sync_bn(cfg, dist_info))
+    if compiled:
         state.compiled = compile_for_training(state.net, cfg.compile_mode)
+    set_backend_defaults(device)  # cudnn.benchmark on CUDA: the crops have one fixed size
+    if dist_info.is_main:
+        logger.info(describe_step(device, use_channels_last(cfg.channels_last, device), compiled,
+                                  cfg.fp16))
 
     sampler = InfiniteShardedSampler(len(train_set), cfg.batch_size, dist_info.rank, world,
                                      seed=cfg.seed, start_iter=state.iteration)
