@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -14,3 +15,13 @@ def _private_onnx_cache(tmp_path_factory):
         del os.environ["BISENET_CACHE"]
     else:
         os.environ["BISENET_CACHE"] = previous
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, with the reason, on a machine without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

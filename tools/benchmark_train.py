@@ -9,7 +9,9 @@ Variants (``--variants``; all by default):
   channels-last    fp32, model and inputs in channels-last layout
   compile          torch.compile of the model (fp32)
   compile+cl       both
-  amp              bf16 autocast on the CPU, fp16 on CUDA (``--fp16`` of the trainer)
+  amp              bf16 autocast on the CPU, fp16 autocast + GradScaler on CUDA (``--fp16``)
+  amp+cl           amp with channels-last
+  compile+cl+amp   all three: the trainer's default step on CUDA for an ``--fp16`` recipe
   compile-autotune torch.compile mode max-autotune-no-cudagraphs (not in the default list: it
                    compiles for much longer)
 
@@ -29,6 +31,7 @@ changes over time affects every variant alike; the median round is reported.
 """
 
 import pathlib
+import platform
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -49,6 +52,7 @@ from lib.models import MODEL_NAMES, build_model  # noqa: E402
 from lib.optim import build_optimizer  # noqa: E402
 from lib.train_step import (  # noqa: E402
     compile_for_training,
+    set_backend_defaults,
     step_losses,
     to_memory_format,
     without_dropout,
@@ -62,9 +66,13 @@ VARIANTS = {
     "compile": (False, "default", False),
     "compile+cl": (True, "default", False),
     "amp": (False, None, True),
+    "amp+cl": (True, None, True),
+    "compile+cl+amp": (True, "default", True),
     "compile-autotune": (False, "max-autotune-no-cudagraphs", False),
 }
-DEFAULT_VARIANTS = ("eager", "channels-last", "compile", "compile+cl", "amp")
+DEFAULT_VARIANTS = {"cpu": ("eager", "channels-last", "compile", "compile+cl", "amp"),
+                    "cuda": ("eager", "channels-last", "compile", "compile+cl", "amp", "amp+cl",
+                             "compile+cl+amp")}
 # the torch.profiler ranges of a step (lib/train_step.step_losses and train_step below)
 STEP_RANGES = ("forward", "loss", "backward", "optimizer")
 
@@ -79,6 +87,7 @@ class Runner:
     optimizer: torch.optim.Optimizer
     channels_last: bool
     amp: bool
+    scaler: torch.amp.GradScaler  # enabled for fp16 on CUDA, as in the trainer
     first_s: float = 0.0
     losses: list[float] = field(default_factory=list)
     round_s: list[float] = field(default_factory=list)
@@ -88,21 +97,23 @@ def make_runner(name: str, initial: nn.Module, device: torch.device, lr: float) 
     channels_last, compile_mode, amp = VARIANTS[name]
     model = to_memory_format(copy.deepcopy(initial).to(device).train(), channels_last)
     net = compile_for_training(model, compile_mode) if compile_mode else model
-    return Runner(name, model, net, build_optimizer(model, lr), channels_last, amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    return Runner(name, model, net, build_optimizer(model, lr), channels_last, amp, scaler)
 
 
 def train_step(runner: Runner, criterion: nn.Module, images: torch.Tensor,
                labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """One trainer iteration (without the GradScaler, which only fp16 on CUDA enables)."""
+    """One trainer iteration: losses, backward, SGD step (through the GradScaler with fp16)."""
     torch.manual_seed(seed)
     images = to_memory_format(images, runner.channels_last)
     loss, _ = step_losses(runner.net, criterion, images, labels, aux_weight=1.0,
                           autocast=autocast_context(images.device, runner.amp))
     runner.optimizer.zero_grad(set_to_none=True)
     with torch.profiler.record_function("backward"):
-        loss.backward()
+        runner.scaler.scale(loss).backward()
     with torch.profiler.record_function("optimizer"):
-        runner.optimizer.step()
+        runner.scaler.step(runner.optimizer)
+        runner.scaler.update()
     return loss.detach()
 
 
@@ -124,6 +135,12 @@ def profile_step(runner: Runner, criterion: nn.Module, batch, device: torch.devi
     sort_by = "self_cuda_time_total" if on_device else "self_cpu_time_total"
     return (f"{'device' if on_device else 'CPU'} time per part of the step: {summary}\n"
             + averages.table(sort_by=sort_by, row_limit=rows))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:
@@ -191,8 +208,9 @@ def main(argv=None) -> list:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["bisenetv1", "bisenetv2"],
                         choices=MODEL_NAMES)
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                        choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="default: " + "; ".join(f"{device}: {' '.join(names)}" for
+                                                     device, names in DEFAULT_VARIANTS.items()))
     parser.add_argument("--size", nargs=2, type=int, default=(256, 512), metavar=("H", "W"),
                         help="crop height and width")
     parser.add_argument("--batch", type=int, default=8, help="images per step")
@@ -214,8 +232,12 @@ def main(argv=None) -> list:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    amp = "fp16 autocast" if device.type == "cuda" else "bf16 autocast"
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    args.variants = args.variants or list(DEFAULT_VARIANTS.get(device.type,
+                                                               DEFAULT_VARIANTS["cpu"]))
+    set_backend_defaults(device)  # cudnn.benchmark on CUDA, as the trainer sets it
+    amp = "fp16 autocast + GradScaler" if device.type == "cuda" else "bf16 autocast"
+    print(f"device {device} ({device_name(device)}), {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, cudnn.benchmark {torch.backends.cudnn.benchmark}; "
           f"batch {args.batch} at {args.size[0]}x{args.size[1]}; amp = {amp}; "
           f"{args.rounds} interleaved rounds of {args.iters} steps", flush=True)
     rows = []
