@@ -26,7 +26,8 @@ training step is compiled and checkpoints keep the plain keys.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,18 @@ def set_backend_defaults(device: torch.device) -> bool:
     if step_defaults(device).cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     return device.type == "cuda" and torch.backends.cudnn.benchmark
+
+
+@contextmanager
+def without_cudnn_autotuning() -> Iterator[None]:
+    """cuDNN autotuning off for a while: evaluation feeds images of many sizes (scales, ADE20K's
+    aspect ratios), and each new size would be tuned again."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def describe_step(device: torch.device, channels_last: bool, compiled: bool,
@@ -153,5 +166,6 @@ def step_losses(net: nn.Module, criterion: OhemCrossEntropy, images: torch.Tenso
 
 
 __all__ = ["StepDefaults", "STEP_DEFAULTS", "COMPILE_MIN_ITERATIONS", "step_defaults",
-           "use_channels_last", "use_compile", "set_backend_defaults", "describe_step",
+           "use_channels_last", "use_compile", "set_backend_defaults", "without_cudnn_autotuning",
+           "describe_step",
            "to_memory_format", "compile_for_training", "without_dropout", "step_losses"]

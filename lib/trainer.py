@@ -60,6 +60,7 @@ from lib.train_step import (
     to_memory_format,
     use_channels_last,
     use_compile,
+    without_cudnn_autotuning,
 )
 from lib.validation import BestModel, validate
 from lib.visualize import training_curves, write_rgb
@@ -480,8 +481,9 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
         summary["run_dir"] = str(out_dir)
 
         if cfg.eval_at_end:
-            summary.update(_evaluate_at_end(cfg, dist_info, out_dir, info, model, state.ema,
-                                            events))
+            with without_cudnn_autotuning():
+                summary.update(_evaluate_at_end(cfg, dist_info, out_dir, info, model, state.ema,
+                                                events))
     finally:
         events.close()
     return summary
@@ -600,7 +602,8 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
                 count = 0
                 tic = time.perf_counter()
             if val_set is not None and cfg.eval_every and it % cfg.eval_every == 0:
-                seconds = validate(state, val_set, dist_info, events)
+                with without_cudnn_autotuning():
+                    seconds = validate(state, val_set, dist_info, events)
                 validation_seconds += seconds
                 tic += seconds  # the s/it and images/s of the next log line exclude it
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.max_iter:

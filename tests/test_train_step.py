@@ -21,6 +21,7 @@ from lib.train_step import (
     to_memory_format,
     use_channels_last,
     use_compile,
+    without_cudnn_autotuning,
     without_dropout,
 )
 from lib.trainer import RunState, make_scheduler
@@ -187,6 +188,14 @@ def test_channels_last_and_compile_options():
     # cuDNN autotuning is a CUDA default only: the CPU leaves the global flag alone
     before = torch.backends.cudnn.benchmark
     assert set_backend_defaults(cpu) is False and torch.backends.cudnn.benchmark == before
+    # ... and evaluation (images of many sizes) runs without it, restored afterwards
+    try:
+        torch.backends.cudnn.benchmark = True
+        with without_cudnn_autotuning():
+            assert torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
     cfg = parse_config(TrainConfig(), ["--channels-last", "--compile", "--compile-mode",
                                        "max-autotune-no-cudagraphs"])
     assert cfg.channels_last is True and cfg.compile is True
