@@ -8,7 +8,7 @@
 #   3. the training loop with the real loader, when benchmark_train.py has --end-to-end;
 #   4. inference, BiSeNetV1/V2 at 1024x2048 (tools/benchmark_speed.py).
 # Each part's output goes to $OUT (or ./gpu_check_out); each part has a time limit (seconds,
-# overridable: LIMIT_TESTS, LIMIT_STEP, LIMIT_LOOP, LIMIT_INFER), together 340 s, so that the
+# overridable: LIMIT_TESTS, LIMIT_STEP, LIMIT_LOOP, LIMIT_INFER), together 345 s, so that the
 # whole check ends within 6 minutes; one summary table is printed at the end. Exit status 0 when
 # every part that ran passed. Needs python3 with torch, pytest and tabulate (PYTHON=... to pick
 # another interpreter).
@@ -33,9 +33,9 @@ esac
 
 # a shared 2-core CPU needs more time for the dry run's tiny sizes than the GPU for the real ones
 SCALE=$((DRY_RUN ? 3 : 1))
-LIMIT_TESTS=$((${LIMIT_TESTS:-120} * SCALE))
+LIMIT_TESTS=$((${LIMIT_TESTS:-115} * SCALE))
 LIMIT_STEP=$((${LIMIT_STEP:-125} * SCALE))
-LIMIT_LOOP=$((${LIMIT_LOOP:-45} * SCALE))
+LIMIT_LOOP=$((${LIMIT_LOOP:-55} * SCALE))
 LIMIT_INFER=$((${LIMIT_INFER:-50} * SCALE))
 
 # the test files holding tests marked cuda (collecting only these: the others may import
@@ -60,7 +60,7 @@ else
              --variants eager channels-last amp amp+cl compile+cl+amp)
   # the loop is timed with the uncompiled fp16 step: each of its rows builds a new runner, and
   # compiling for each would not fit the time limit
-  LOOP_ARGS=(--models bisenetv2 --size 512 1024 --batch 16 --iters 20 --compare-iters 3)
+  LOOP_ARGS=(--models bisenetv2 --size 512 1024 --batch 16 --iters 15 --compare-iters 3)
   INFER_ARGS=(--model bisenetv1 bisenetv2 --size 1024 2048)
 fi
 
