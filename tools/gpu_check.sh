@@ -135,8 +135,8 @@ done
 echo
 # the pytest verdict, then each benchmark's own table (its lines starting with "|")
 if [[ -f "$OUT_DIR/tests.log" ]]; then
-  echo "tests: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT_DIR/tests.log" \
-    | tail -n 1)"
+  verdict=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT_DIR/tests.log" | tail -n 1)
+  echo "tests: ${verdict:-(no verdict: see $OUT_DIR/tests.log)}"
 fi
 for name in step loop inference; do
   log="$OUT_DIR/$name.log"
