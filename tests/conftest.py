@@ -3,6 +3,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from lib.data.toy_cityscapes import generate_toy_cityscapes
 
@@ -40,3 +41,13 @@ def make_toy(tmp_path_factory) -> Callable[..., Path]:
 def toy_root(make_toy) -> Path:
     """The common small toy Cityscapes: 6 training and 2 validation images of 64x128."""
     return make_toy()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, with the reason, on a machine without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

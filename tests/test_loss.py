@@ -88,3 +88,60 @@ def test_label_outside_classes_is_a_clear_error():
 def test_bad_threshold():
     with pytest.raises(ValueError, match="threshold"):
         OhemCrossEntropy(thresh=1.5)
+
+
+def _ohem_float64(logits: torch.Tensor, labels: torch.Tensor, thresh: float = 0.7,
+                  ignore: int = 255) -> tuple[torch.Tensor, str]:
+    """OHEM as the reference implementation defines it, vectorised in float64 with a full sort:
+    the mean loss of the pixels with p(true class) < thresh, or of the n_min = valid // 16
+    largest losses if fewer are that hard. Differentiable (float64 autograd)."""
+    keep = labels != ignore
+    log_probs = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    true = log_probs.gather(1, torch.where(keep, labels, 0)[:, None])[:, 0]
+    losses = -true[keep]
+    n_min = max(1, losses.numel() // 16)
+    hard = losses[torch.exp(-losses) < thresh]
+    if hard.numel() >= n_min:
+        return hard.mean(), "threshold"
+    return losses.sort(descending=True).values[:n_min].mean(), "min_kept"
+
+
+def _five_outputs(dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Five logit maps of one batch as a training step has them; the last two mostly right, so
+    that both OHEM branches are taken in the same call."""
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 19, (2, 24, 40), generator=gen)
+    labels[0, :5] = 255
+    outputs = []
+    for confidence in (0.0, 1.0, 2.0, 9.0, 12.0):
+        logits = torch.randn(2, 19, 24, 40, generator=gen) * 2
+        logits += confidence * torch.nn.functional.one_hot(labels.clamp(max=18), 19).permute(
+            0, 3, 1, 2)
+        outputs.append(logits.to(dtype))
+    return outputs, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_losses_of_all_outputs_match_float64_reference(dtype):
+    outputs, labels = _five_outputs(dtype)
+    leaves = [o.detach().requires_grad_(True) for o in outputs]
+    got = OhemCrossEntropy().output_losses(leaves, labels)
+    assert got.dtype == torch.float32 and got.shape == (5,)
+    got.sum().backward()
+    branches = []
+    for leaf, loss in zip(leaves, got, strict=True):
+        logits = leaf.detach().double().requires_grad_(True)  # the same rounded inputs
+        want, branch = _ohem_float64(logits, labels)
+        branches.append(branch)
+        want.backward()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+        assert leaf.grad.dtype == dtype
+        # float32 rounding, or that of the fp16/bf16 gradient (8 or 11 bits of mantissa)
+        low = dtype != torch.float32
+        scale = logits.grad.abs().max().item()
+        torch.testing.assert_close(leaf.grad.double(), logits.grad, rtol=1e-2 if low else 1e-5,
+                                   atol=(1e-2 if low else 1e-6) * scale)
+    assert set(branches) == {"threshold", "min_kept"}  # both exercised
+    # one call per output gives the same values
+    for logits, loss in zip(outputs, got, strict=True):
+        assert OhemCrossEntropy()(logits, labels).item() == pytest.approx(loss.item(), rel=1e-6)

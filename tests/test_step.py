@@ -15,10 +15,14 @@ from lib.training.loss import OhemCrossEntropy
 from lib.training.optim import build_optimizer
 from lib.training.state import RunState, make_scheduler
 from lib.training.step import (
+    COMPILE_MIN_ITERATIONS,
     compile_for_training,
+    set_backend_defaults,
     step_losses,
     to_memory_format,
     use_channels_last,
+    use_compile,
+    without_cudnn_autotuning,
     without_dropout,
 )
 
@@ -166,12 +170,32 @@ def test_state_dict_of_a_compiled_model_loads(tmp_path):
 
 def test_channels_last_and_compile_options():
     cfg = parse_config(TrainConfig(), [])
-    assert cfg.channels_last is None and cfg.compile is False and cfg.compile_mode == "default"
+    assert cfg.channels_last is None and cfg.compile is None and cfg.compile_mode == "default"
     # not given: the device's measured default; given: as asked, on any device
     assert use_channels_last(None, torch.device("cuda")) is True
     assert use_channels_last(None, torch.device("cpu")) is False
     assert use_channels_last(True, torch.device("cpu")) is True
     assert use_channels_last(False, torch.device("cuda")) is False
+    # compile: by default on CUDA for runs long enough to repay it and without SyncBN
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_compile(None, cuda, COMPILE_MIN_ITERATIONS) is True
+    assert use_compile(None, cuda, COMPILE_MIN_ITERATIONS - 1) is False
+    assert use_compile(None, cuda, 150_000, sync_bn=True) is False
+    assert use_compile(None, cpu, 150_000) is False
+    assert use_compile(True, cpu, 10, sync_bn=True) is True
+    assert use_compile(False, cuda, 150_000) is False
+    assert parse_config(TrainConfig(), ["--no-compile"]).compile is False
+    # cuDNN autotuning is a CUDA default only: the CPU leaves the global flag alone
+    before = torch.backends.cudnn.benchmark
+    assert set_backend_defaults(cpu) is False and torch.backends.cudnn.benchmark == before
+    # ... and evaluation (images of many sizes) runs without it, restored afterwards
+    try:
+        torch.backends.cudnn.benchmark = True
+        with without_cudnn_autotuning():
+            assert torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
     cfg = parse_config(TrainConfig(), ["--channels-last", "--compile", "--compile-mode",
                                        "max-autotune-no-cudagraphs"])
     assert cfg.channels_last is True and cfg.compile is True

@@ -9,7 +9,9 @@ Variants (``--variants``; all by default):
   channels-last    fp32, model and inputs in channels-last layout
   compile          torch.compile of the model (fp32)
   compile+cl       both
-  amp              bf16 autocast on the CPU, fp16 on CUDA (``--fp16`` of the trainer)
+  amp              bf16 autocast on the CPU, fp16 autocast + GradScaler on CUDA (``--fp16``)
+  amp+cl           amp with channels-last
+  compile+cl+amp   all three: the trainer's default step on CUDA for an ``--fp16`` recipe
   compile-autotune torch.compile mode max-autotune-no-cudagraphs (not in the default list: it
                    compiles for much longer)
 
@@ -29,6 +31,7 @@ changes over time affects every variant alike; the median round is reported.
 """
 
 import pathlib
+import platform
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -51,6 +54,7 @@ from lib.training.optim import build_optimizer
 from lib.training.step import (
     autocast_context,
     compile_for_training,
+    set_backend_defaults,
     step_losses,
     to_memory_format,
     without_dropout,
@@ -63,9 +67,15 @@ VARIANTS = {
     "compile": (False, "default", False),
     "compile+cl": (True, "default", False),
     "amp": (False, None, True),
+    "amp+cl": (True, None, True),
+    "compile+cl+amp": (True, "default", True),
     "compile-autotune": (False, "max-autotune-no-cudagraphs", False),
 }
-DEFAULT_VARIANTS = ("eager", "channels-last", "compile", "compile+cl", "amp")
+DEFAULT_VARIANTS = {"cpu": ("eager", "channels-last", "compile", "compile+cl", "amp"),
+                    "cuda": ("eager", "channels-last", "compile", "compile+cl", "amp", "amp+cl",
+                             "compile+cl+amp")}
+# the torch.profiler ranges of a step (lib/train_step.step_losses and train_step below)
+STEP_RANGES = ("forward", "loss", "backward", "optimizer")
 
 
 @dataclass
@@ -78,6 +88,7 @@ class Runner:
     optimizer: torch.optim.Optimizer
     channels_last: bool
     amp: bool
+    scaler: torch.amp.GradScaler  # enabled for fp16 on CUDA, as in the trainer
     first_s: float = 0.0
     losses: list[float] = field(default_factory=list)
     round_s: list[float] = field(default_factory=list)
@@ -87,20 +98,50 @@ def make_runner(name: str, initial: nn.Module, device: torch.device, lr: float) 
     channels_last, compile_mode, amp = VARIANTS[name]
     model = to_memory_format(copy.deepcopy(initial).to(device).train(), channels_last)
     net = compile_for_training(model, compile_mode) if compile_mode else model
-    return Runner(name, model, net, build_optimizer(model, lr), channels_last, amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    return Runner(name, model, net, build_optimizer(model, lr), channels_last, amp, scaler)
 
 
 def train_step(runner: Runner, criterion: nn.Module, images: torch.Tensor,
                labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """One trainer iteration (without the GradScaler, which only fp16 on CUDA enables)."""
+    """One trainer iteration: losses, backward, SGD step (through the GradScaler with fp16)."""
     torch.manual_seed(seed)
     images = to_memory_format(images, runner.channels_last)
     loss, _ = step_losses(runner.net, criterion, images, labels, aux_weight=1.0,
                           autocast=autocast_context(images.device, runner.amp))
     runner.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    runner.optimizer.step()
+    with torch.profiler.record_function("backward"):
+        runner.scaler.scale(loss).backward()
+    with torch.profiler.record_function("optimizer"):
+        runner.scaler.step(runner.optimizer)
+        runner.scaler.update()
     return loss.detach()
+
+
+def profile_step(runner: Runner, criterion: nn.Module, batch, device: torch.device,
+                 rows: int) -> str:
+    """torch.profiler's table of one more step: the ranges forward / loss / backward / optimizer
+    and the operators that take the most time (device time on CUDA, CPU time otherwise)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        train_step(runner, criterion, *batch, seed=iteration_seed(0, 0, 0))
+        _sync(device)
+    averages = prof.key_averages()
+    on_device = device.type == "cuda"
+    ranges = {event.key: (event.device_time_total if on_device else event.cpu_time_total) / 1e3
+              for event in averages if event.key in STEP_RANGES}
+    summary = ", ".join(f"{name} {ranges.get(name, 0.0):.1f} ms" for name in STEP_RANGES)
+    sort_by = "self_cuda_time_total" if on_device else "self_cpu_time_total"
+    return (f"{'device' if on_device else 'CPU'} time per part of the step: {summary}\n"
+            + averages.table(sort_by=sort_by, row_limit=rows))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:
@@ -143,6 +184,11 @@ def benchmark_model(model_name: str, variants: list[str], args, device: torch.de
             _sync(device)
             runner.round_s.append((time.perf_counter() - tic) / args.iters)
 
+    if args.profile:
+        for runner in runners:
+            print(f"{model_name} {runner.name}: torch.profiler, one step", flush=True)
+            print(profile_step(runner, criterion, batches[0], device, args.profile), flush=True)
+
     reference = next((r for r in runners if r.name == "eager"), None)
     rows = []
     for runner in runners:
@@ -163,8 +209,9 @@ def main(argv=None) -> list:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["bisenetv1", "bisenetv2"],
                         choices=model_names())
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                        choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="default: " + "; ".join(f"{device}: {' '.join(names)}" for
+                                                     device, names in DEFAULT_VARIANTS.items()))
     parser.add_argument("--size", nargs=2, type=int, default=(256, 512), metavar=("H", "W"),
                         help="crop height and width")
     parser.add_argument("--batch", type=int, default=8, help="images per step")
@@ -177,14 +224,21 @@ def main(argv=None) -> list:
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (0: PyTorch's default)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing, print torch.profiler's table (ROWS operators) of one "
+                        "step of each variant (0: off)")
     args = parser.parse_args(argv)
     if args.compare_iters < 1 or args.iters < 1 or args.rounds < 1:
         parser.error("--compare-iters, --iters and --rounds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    amp = "fp16 autocast" if device.type == "cuda" else "bf16 autocast"
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    args.variants = args.variants or list(DEFAULT_VARIANTS.get(device.type,
+                                                               DEFAULT_VARIANTS["cpu"]))
+    set_backend_defaults(device)  # cudnn.benchmark on CUDA, as the trainer sets it
+    amp = "fp16 autocast + GradScaler" if device.type == "cuda" else "bf16 autocast"
+    print(f"device {device} ({device_name(device)}), {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, cudnn.benchmark {torch.backends.cudnn.benchmark}; "
           f"batch {args.batch} at {args.size[0]}x{args.size[1]}; amp = {amp}; "
           f"{args.rounds} interleaved rounds of {args.iters} steps", flush=True)
     rows = []

@@ -58,8 +58,10 @@ class TrainConfig:
     channels_last: bool | None = _opt(
         None, "channels-last memory format for the model and its inputs (default: the device's "
         "measured choice, lib/training/step.py: on for CUDA, off for the CPU)")
-    compile: bool = _opt(
-        False, "torch.compile the training step's model (costs minutes of compilation first)")
+    compile: bool | None = _opt(
+        None, "torch.compile the training step's model, which costs minutes of compilation "
+        "first (default: the device's measured choice, lib/training/step.py: on for CUDA runs of "
+        "at least 5000 iterations without SyncBN, off for the CPU)")
     compile_mode: str = _opt(
         "default", "torch.compile mode: default, reduce-overhead, max-autotune, "
         "max-autotune-no-cudagraphs")

@@ -21,6 +21,7 @@ from lib.models.checkpoint import save_checkpoint
 from lib.training.monitor import EventLog
 from lib.training.runs import FINAL_NAME
 from lib.training.state import RunState
+from lib.training.step import without_cudnn_autotuning
 
 logger = logging.getLogger("bisenet")
 
@@ -37,7 +38,8 @@ def finish(state: RunState, dist_info: distributed.DistInfo, events: EventLog) -
         save_final(state, final_path)
     summary: dict[str, Any] = {"checkpoint": str(final_path), "run_dir": str(state.run_dir)}
     if state.cfg.eval_at_end:
-        summary.update(evaluate_at_end(state, dist_info, events))
+        with without_cudnn_autotuning():  # evaluation images come in many sizes
+            summary.update(evaluate_at_end(state, dist_info, events))
     return summary
 
 

@@ -26,7 +26,13 @@ from lib.training.divergence import check_divergence, count_skipped_steps
 from lib.training.monitor import EventLog
 from lib.training.runs import CHECKPOINT_PATTERN, prune_checkpoints
 from lib.training.state import RunState, base_lr
-from lib.training.step import autocast_context, step_losses, to_memory_format, use_channels_last
+from lib.training.step import (
+    autocast_context,
+    step_losses,
+    to_memory_format,
+    use_channels_last,
+    without_cudnn_autotuning,
+)
 from lib.training.stopping import StopRequest
 from lib.training.validation import validate
 
@@ -80,7 +86,8 @@ def train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
             if it % cfg.log_every == 0 or it == cfg.max_iter:
                 log_interval(state, meters, dist_info, events, bar)
             if val_set is not None and cfg.eval_every and it % cfg.eval_every == 0:
-                seconds = validate(state, val_set, dist_info, events)
+                with without_cudnn_autotuning():
+                    seconds = validate(state, val_set, dist_info, events)
                 validation_seconds += seconds
                 meters.tic += seconds  # the s/it and images/s of the next log line exclude it
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.max_iter:

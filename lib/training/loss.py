@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,26 +36,54 @@ class OhemCrossEntropy(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
-            raise ValueError(f"expected logits [N, C, H, W] and labels [N, H, W], got "
-                             f"{tuple(logits.shape)} and {tuple(labels.shape)}")
-        n_classes = logits.shape[1]
+        return self.output_losses([logits], labels)[0]
+
+    def output_losses(self, outputs: Sequence[torch.Tensor], labels: torch.Tensor
+                      ) -> torch.Tensor:
+        """The OHEM loss of each of ``outputs`` (main and auxiliary logits of one batch), as a
+        1-d tensor, each equal to ``self(output, labels)``.
+
+        Cheaper than one call per output: the labels are checked once, and one host-device
+        synchronisation reads every count the selection needs (instead of two per output). The
+        logits are never copied to float32: log-softmax reads fp16/bf16 logits and writes float32
+        (on CUDA in one kernel). The threshold branch masks with ``where`` rather than
+        compacting the hard pixels by boolean indexing, which would synchronise once more.
+        """
+        n_classes = outputs[0].shape[1]
+        for logits in outputs:
+            if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]) \
+                    or logits.shape[1] != n_classes:
+                raise ValueError(f"expected logits [N, C, H, W] and labels [N, H, W], got "
+                                 f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+        labels = labels.long()
         valid = labels != self.ignore_index
         out_of_range = valid & ((labels < 0) | (labels >= n_classes))
-        # one host synchronisation for both counts
-        n_valid, n_bad = torch.stack([valid.sum(), out_of_range.sum()]).tolist()
+        # out-of-range labels would trip a device-side assert in nll_loss before the clear error
+        # below is raised: they are ignored until then
+        checked = labels.masked_fill(out_of_range, self.ignore_index)
+        pixel_losses = [self.pixel_losses(logits, checked) for logits in outputs]
+        # ignored pixels have loss 0, so they are never hard
+        hard = [losses > self.loss_thresh for losses in pixel_losses]
+        n_valid, n_bad, *n_hard = torch.stack(
+            [valid.sum(), out_of_range.sum(), *(h.sum() for h in hard)]).tolist()
         if n_bad:
             bad = torch.unique(labels[out_of_range]).tolist()[:10]
             raise ValueError(f"labels {bad} are neither in [0, {n_classes}) nor the ignore index "
                              f"{self.ignore_index}")
-        with torch.autocast(logits.device.type, enabled=False):
-            losses = F.cross_entropy(logits.float(), labels.long(),
-                                     ignore_index=self.ignore_index, reduction="none").flatten()
-        if n_valid == 0:
-            return losses.sum() * 0.0  # keeps the graph: zero gradients, not NaN
+        if n_valid == 0:  # keeps the graph: zero gradients, not NaN
+            return torch.stack([losses.sum() * 0.0 for losses in pixel_losses])
         n_min = max(1, int(n_valid * self.min_kept_ratio))
-        hard = losses > self.loss_thresh  # ignored pixels have loss 0, so they are never hard
-        if int(hard.sum()) >= n_min:
-            return losses[hard].mean()
-        # Too few hard pixels: the n_min largest losses. Only now is a (partial) sort needed.
-        return losses.topk(n_min, sorted=False).values.mean()
+        kept = []
+        for losses, is_hard, count in zip(pixel_losses, hard, n_hard, strict=True):
+            if count >= n_min:
+                kept.append(torch.where(is_hard, losses, 0.0).sum() / count)
+            else:  # too few hard pixels: the n_min largest losses (a partial sort, only now)
+                kept.append(losses.topk(n_min, sorted=False).values.mean())
+        return torch.stack(kept)
+
+    def pixel_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-pixel float32 cross-entropy, flattened; 0 at ignored pixels. ``labels``: int64."""
+        with torch.autocast(logits.device.type, enabled=False):
+            log_probs = F.log_softmax(logits, dim=1, dtype=torch.float32)
+            return F.nll_loss(log_probs, labels, ignore_index=self.ignore_index,
+                              reduction="none").flatten()

@@ -45,7 +45,14 @@ from lib.training.runs import (
     plan_run,
 )
 from lib.training.state import RunState, make_scheduler
-from lib.training.step import compile_for_training, to_memory_format, use_channels_last
+from lib.training.step import (
+    compile_for_training,
+    describe_step,
+    set_backend_defaults,
+    to_memory_format,
+    use_channels_last,
+    use_compile,
+)
 from lib.training.sync_batchnorm import convert_sync_batchnorm
 
 logger = logging.getLogger("bisenet")
@@ -181,8 +188,14 @@ def build_state(cfg: TrainConfig, dist_info: distributed.DistInfo, run_dir: Path
             model, device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,
         )
-    if cfg.compile:
+    compiled = use_compile(cfg.compile, device, cfg.max_iter - state.iteration,
+                           uses_sync_bn(cfg, dist_info))
+    if compiled:
         state.compiled = compile_for_training(state.net, cfg.compile_mode)
+    set_backend_defaults(device)  # cudnn.benchmark on CUDA: the crops have one fixed size
+    if dist_info.is_main:
+        logger.info(describe_step(device, use_channels_last(cfg.channels_last, device), compiled,
+                                  cfg.fp16))
     return state
 
 

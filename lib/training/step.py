@@ -1,14 +1,23 @@
-"""How the training step is executed: memory format and ``torch.compile``.
+"""How the training step is executed: memory format, ``torch.compile``, cuDNN autotuning.
 
-Neither option changes what is computed (the losses equal those of the eager, contiguous fp32
-step to float rounding; tests/test_train_step.py), only how fast. ``tools/benchmark_train.py``
-measures every variant side by side on a device; the defaults per device:
+None of these options changes what is computed (the losses equal those of the eager, contiguous
+fp32 step to float rounding; tests/test_train_step.py, tests/test_cuda.py), only how fast.
+``tools/benchmark_train.py`` measures every variant side by side on a device. The defaults per
+device (``STEP_DEFAULTS``), each overridden by its option:
 
-* channels-last: on by default on CUDA, the layout the trainer has always used there (not yet
-  measured against NCHW by the benchmark on a GPU); off on the CPU, where it was 1-2% faster for
-  V1 and V2, within the noise (``CHANNELS_LAST_DEFAULT``).
-* compile: off by default. On a 2-core AVX2 CPU the compiled step of BiSeNetV2 was 21% slower
-  than eager, after 3 minutes of compiling (README, Training).
+* CUDA, from the first measurement on a GPU (one H200, torch 2.11, BiSeNetV2, batch 16 at
+  512x1024, ``tools/benchmark_train.py --device cuda``): eager fp32 0.167 s/step,
+  channels-last 0.154, fp16 autocast 0.148, compiled (fp32) 0.118 after 87 s of compiling.
+  So channels-last is on, ``torch.compile`` is on for runs with at least
+  ``COMPILE_MIN_ITERATIONS`` iterations to go (the 87 s are repaid after about 1,800
+  iterations at 0.05 s saved each; shorter runs stay eager) and without synchronised
+  BatchNorm (``use_compile``), and ``cudnn.benchmark`` is on:
+  training crops have one fixed size, so cuDNN's autotuning runs once per shape and picks the
+  fastest convolution algorithms. fp16 (``--fp16``) stays a choice of the recipe: it changes the
+  numbers, not only the speed.
+* CPU: channels-last off (1-2% faster for V1 and V2, within the noise), compile off (on a 2-core
+  AVX2 CPU the compiled BiSeNetV2 step was 21% slower after 3 minutes of compiling; README,
+  Training), no cuDNN.
 
 The model that checkpoints save is never the compiled wrapper: ``torch.compile`` returns a new
 module whose state-dict keys carry an ``_orig_mod.`` prefix, so only the module *called* for the
@@ -17,22 +26,92 @@ training step is compiled and checkpoints keep the plain keys.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-# Device type -> whether channels-last is the default memory format of the training step.
-# Measured with tools/benchmark_train.py (see README, Training): on the CPU the channels-last
-# step was not clearly faster than the contiguous one (1-2% for V1 and V2).
-CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": False}
+from lib.training.loss import OhemCrossEntropy
+
+
+@dataclass(frozen=True)
+class StepDefaults:
+    """What the training step uses on a device type when no option says otherwise."""
+
+    channels_last: bool
+    compile: bool
+    cudnn_benchmark: bool
+
+
+# Device type -> defaults, from tools/benchmark_train.py measurements (module docstring).
+STEP_DEFAULTS = {
+    "cuda": StepDefaults(channels_last=True, compile=True, cudnn_benchmark=True),
+    "cpu": StepDefaults(channels_last=False, compile=False, cudnn_benchmark=False),
+}
+_NO_DEFAULTS = StepDefaults(channels_last=False, compile=False, cudnn_benchmark=False)
+# Default compilation only for runs this long: compiling costs 1.5 minutes on an H200 and saves
+# 0.05 s per BiSeNetV2 step, repaid after about 1,800 iterations.
+COMPILE_MIN_ITERATIONS = 5000
+
+
+def step_defaults(device: torch.device) -> StepDefaults:
+    return STEP_DEFAULTS.get(device.type, _NO_DEFAULTS)
 
 
 def use_channels_last(requested: bool | None, device: torch.device) -> bool:
     """``--channels-last`` / ``--no-channels-last`` if given, else the device's measured default."""
     if requested is not None:
         return requested
-    return CHANNELS_LAST_DEFAULT.get(device.type, False)
+    return step_defaults(device).channels_last
+
+
+def use_compile(requested: bool | None, device: torch.device, iterations_left: int,
+                sync_bn: bool = False) -> bool:
+    """``--compile`` / ``--no-compile`` if given, else the device's default for a run with
+    ``iterations_left`` iterations to go (compilation must have time to pay for itself).
+
+    Not by default with synchronised BatchNorm (several processes): ``torch.compile`` breaks the
+    graph at every ``nn.SyncBatchNorm`` (pytorch/pytorch#161302), and the 1.4x was measured
+    without it (one GPU); ``--compile`` still compiles such a run.
+    """
+    if requested is not None:
+        return requested
+    return (step_defaults(device).compile and not sync_bn
+            and iterations_left >= COMPILE_MIN_ITERATIONS)
+
+
+def set_backend_defaults(device: torch.device) -> bool:
+    """Switch on cuDNN's autotuning where it is the device's default (CUDA: training crops have
+    a fixed size, so each convolution is tuned once); returns whether it is on."""
+    if step_defaults(device).cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    return device.type == "cuda" and torch.backends.cudnn.benchmark
+
+
+@contextmanager
+def without_cudnn_autotuning() -> Iterator[None]:
+    """cuDNN autotuning off for a while: evaluation feeds images of many sizes (scales, ADE20K's
+    aspect ratios), and each new size would be tuned again."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def describe_step(device: torch.device, channels_last: bool, compiled: bool,
+                  fp16: bool) -> str:
+    """One log line naming how the training step runs."""
+    precision = ("fp16 autocast + GradScaler" if device.type == "cuda" else "bf16 autocast") \
+        if fp16 else "fp32"
+    parts = [precision, "channels-last" if channels_last else "contiguous (NCHW)",
+             "torch.compile" if compiled else "eager"]
+    if device.type == "cuda":
+        parts.append(f"cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}")
+    return "training step on " + device.type + ": " + ", ".join(parts)
 
 
 def to_memory_format(tensor_or_model, channels_last: bool):
@@ -69,18 +148,21 @@ def without_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def step_losses(net: nn.Module, criterion: nn.Module, images: torch.Tensor,
+def step_losses(net: nn.Module, criterion: OhemCrossEntropy, images: torch.Tensor,
                 labels: torch.Tensor, aux_weight: float,
                 autocast: AbstractContextManager | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss and the per-output losses (main output first, then auxiliary heads).
 
-    ``autocast`` wraps the network only; the loss is computed in float32.
+    ``autocast`` wraps the network only; the loss is computed in float32 (from the fp16/bf16
+    logits, without a float32 copy of them).
     """
-    with autocast or nullcontext():
+    # named ranges for torch.profiler (tools/benchmark_train.py --profile); free otherwise
+    with torch.profiler.record_function("forward"), autocast or nullcontext():
         outputs = net(images)
-    losses = torch.stack([criterion(out.float(), labels) for out in outputs])
-    return losses[0] + aux_weight * losses[1:].sum(), losses
+    with torch.profiler.record_function("loss"):
+        losses = criterion.output_losses(outputs, labels)
+        return losses[0] + aux_weight * losses[1:].sum(), losses
 
 
 
@@ -92,5 +174,7 @@ def autocast_context(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-__all__ = ["CHANNELS_LAST_DEFAULT", "use_channels_last", "to_memory_format",
-           "compile_for_training", "without_dropout", "step_losses", "autocast_context"]
+__all__ = ["StepDefaults", "STEP_DEFAULTS", "COMPILE_MIN_ITERATIONS", "step_defaults",
+           "use_channels_last", "use_compile", "set_backend_defaults", "without_cudnn_autotuning",
+           "describe_step", "to_memory_format", "compile_for_training", "without_dropout",
+           "step_losses", "autocast_context"]
