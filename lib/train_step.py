@@ -17,6 +17,7 @@ training step is compiled and checkpoints keep the plain keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -75,13 +76,47 @@ def step_losses(net: nn.Module, criterion: nn.Module, images: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss and the per-output losses (main output first, then auxiliary heads).
 
-    ``autocast`` wraps the network only; the loss is computed in float32.
+    ``autocast`` wraps the network only; the loss is computed in float32 (float64 outputs stay
+    float64, for exact comparisons).
     """
     with autocast or nullcontext():
         outputs = net(images)
-    losses = torch.stack([criterion(out.float(), labels) for out in outputs])
+    losses = torch.stack([criterion(out if out.dtype == torch.float64 else out.float(), labels)
+                          for out in outputs])
     return losses[0] + aux_weight * losses[1:].sum(), losses
 
 
+def accumulated_step(net: nn.Module, criterion: nn.Module, batches: Iterator,
+                     micro_batches: int, aux_weight: float,
+                     prepare: Callable[[torch.Tensor, torch.Tensor],
+                                       tuple[torch.Tensor, torch.Tensor]],
+                     autocast: AbstractContextManager | None = None,
+                     scaler: torch.amp.GradScaler | None = None,
+                     ddp: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of one iteration's ``micro_batches`` batches drawn from ``batches``
+    (``--accumulate``); the gradients add up in ``.grad``, the optimizer steps afterwards.
+
+    Each micro-batch's loss is divided by ``micro_batches``, so the summed gradient is that of
+    the mean of the micro-batch losses: the large batch's gradient when every micro-batch has
+    the same number of pixels in the loss (OHEM keeps its hard pixels per micro-batch, and
+    BatchNorm normalises each micro-batch with its own statistics; README, Training).
+    ``scaler`` (fp16) scales every micro-batch's loss with the same scale. Under DDP (``ddp``,
+    the wrapper) the gradients are all-reduced once, in the last micro-batch's backward.
+    ``prepare`` moves a batch to the device. Returns the detached training loss and per-output
+    losses, averaged over the micro-batches.
+    """
+    total = per_output = None
+    for index in range(micro_batches):
+        images, labels = prepare(*next(batches))
+        last = index == micro_batches - 1
+        with nullcontext() if ddp is None or last else ddp.no_sync():
+            loss, losses = step_losses(net, criterion, images, labels, aux_weight, autocast)
+            loss, losses = loss / micro_batches, losses.detach() / micro_batches
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        per_output = losses if per_output is None else per_output + losses
+    return total, per_output
+
+
 __all__ = ["CHANNELS_LAST_DEFAULT", "use_channels_last", "to_memory_format",
-           "compile_for_training", "without_dropout", "step_losses"]
+           "compile_for_training", "without_dropout", "step_losses", "accumulated_step"]

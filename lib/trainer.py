@@ -52,7 +52,12 @@ from lib.pretrained import PretrainedWeightsError, load_pretrained_backbone
 from lib.runs import RunFinished, RunPlan, compare_resume_config, plan_run
 from lib.sampler import InfiniteShardedSampler
 from lib.sync_batchnorm import convert_sync_batchnorm
-from lib.train_step import compile_for_training, step_losses, to_memory_format, use_channels_last
+from lib.train_step import (
+    accumulated_step,
+    compile_for_training,
+    to_memory_format,
+    use_channels_last,
+)
 from lib.validation import BestModel, validate
 from lib.visualize import training_curves, write_rgb
 
@@ -259,17 +264,22 @@ def fp16_divergence(longest_skipped: int, scale: float) -> str | None:
     return None
 
 
-def check_batch_split(batch_size: int, world: int, sync_bn: bool) -> None:
-    """Refuse batch splits that cannot train; ``sync_bn``: batch statistics are over all ranks."""
+def check_batch_split(batch_size: int, world: int, sync_bn: bool, accumulate: int = 1) -> None:
+    """Refuse batch splits that cannot train; ``sync_bn``: batch statistics are over all ranks;
+    ``accumulate``: each process's share runs as that many micro-batches."""
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} is not divisible by {world} processes")
-    # BatchNorm on the pooled 1x1 context features needs two samples: per process, or in total
-    # when SyncBatchNorm computes the statistics over all processes.
-    if batch_size // world < 2 and not (sync_bn and batch_size >= 2):
-        raise ValueError(
-            f"--batch-size {batch_size} gives {batch_size // world} image per process; at least "
-            "2 are needed" + ("" if batch_size < 2 else
-                              " without SyncBatchNorm (with --sync-bn, 1 is allowed)"))
+    if (batch_size // world) % accumulate:
+        raise ValueError(f"--batch-size {batch_size} gives {batch_size // world} images per "
+                         f"process, not divisible into --accumulate {accumulate} micro-batches")
+    # BatchNorm (of the micro-batch) on the pooled 1x1 context features needs two samples: per
+    # process, or in total when SyncBatchNorm computes the statistics over all processes.
+    micro = batch_size // accumulate
+    if micro // world < 2 and not (sync_bn and micro >= 2):
+        what = (f"--batch-size {batch_size} gives {micro // world} image per process"
+                + ("" if accumulate == 1 else f" and micro-batch (--accumulate {accumulate})"))
+        raise ValueError(f"{what}; at least 2 are needed" + (
+            "" if micro < 2 else " without SyncBatchNorm (with --sync-bn, 1 is allowed)"))
 
 
 def uses_sync_bn(cfg: TrainConfig, dist_info: distributed.DistInfo) -> bool:
@@ -385,15 +395,16 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
     device = dist_info.device
     world = dist_info.world_size
     out_dir = plan.run_dir
-    check_batch_split(cfg.batch_size, world, uses_sync_bn(cfg, dist_info))
+    check_batch_split(cfg.batch_size, world, uses_sync_bn(cfg, dist_info), cfg.accumulate)
     resume = _find_resume(cfg, plan)
     changes = _check_resume(cfg, *resume, out_dir) if resume is not None else []
     torch.manual_seed(cfg.seed)
     if dist_info.is_main:
         logger.info("run folder: %s", out_dir)
         logger.info("config: %s", dataclasses.asdict(cfg))
-        logger.info("%d process(es) on %s, %d images per process per iteration",
-                    world, device, cfg.batch_size // world)
+        logger.info("%d process(es) on %s, %d images per process per iteration%s",
+                    world, device, cfg.batch_size // world,
+                    f" in {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else "")
 
     if dist_info.is_main:
         prepare_dataset(cfg)  # e.g. generates the toy dataset; only once, before others read it
@@ -440,7 +451,7 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
     sampler = InfiniteShardedSampler(len(train_set), cfg.batch_size, dist_info.rank, world,
                                      seed=cfg.seed, start_iter=state.iteration)
     loader = DataLoader(
-        train_set, batch_size=cfg.batch_size // world, sampler=sampler,
+        train_set, batch_size=cfg.batch_size // world // cfg.accumulate, sampler=sampler,
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=True,
         worker_init_fn=worker_init, persistent_workers=cfg.num_workers > 0,
     )
@@ -545,14 +556,14 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
             # Randomness inside the model (dropout) depends only on (seed, rank, iteration), so
             # that a resumed run continues exactly as an uninterrupted one would have.
             torch.manual_seed(iteration_seed(cfg.seed, dist_info.rank, it))
-            images, labels = next(batches)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            images = to_memory_format(images, channels_last)
-            loss, losses = step_losses(state.net, criterion, images, labels, cfg.aux_weight,
-                                       autocast_context(device, cfg.fp16))
             state.optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # --accumulate: the iteration's samples in micro-batches, gradients all-reduced once
+            loss, losses = accumulated_step(
+                state.net, criterion, batches, cfg.accumulate, cfg.aux_weight,
+                lambda images, labels: (
+                    to_memory_format(images.to(device, non_blocking=True), channels_last),
+                    labels.to(device, non_blocking=True)),
+                autocast_context(device, cfg.fp16), scaler, state.ddp_model)
             # the scale tensor before the step (private attribute: get_scale() would synchronise)
             scale_before = scaler._scale.clone() if scaler.is_enabled() else None
             scaler.step(state.optimizer)
