@@ -44,6 +44,10 @@ class TrainConfig:
     # optimisation
     max_iter: int = _opt(150_000, "training iterations")
     batch_size: int = _opt(16, "global batch size, split evenly over all processes")
+    accumulate: int = _opt(
+        1, "gradient accumulation: each process runs its share of --batch-size as N "
+        "micro-batches, one optimizer step per iteration (BatchNorm and OHEM see the "
+        "micro-batch; README, Training on one GPU)")
     lr: float = _opt(5e-2, "base learning rate")
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(5e-4, "weight decay (not applied to BatchNorm weights and biases)")
@@ -248,6 +252,9 @@ def validate_config(cfg: TrainConfig) -> None:
     cfg.data.validate()
     if cfg.max_iter < 1 or cfg.batch_size < 1:
         fail("--max-iter and --batch-size must be positive")
+    if cfg.accumulate < 1 or cfg.batch_size % cfg.accumulate:
+        fail(f"--accumulate {cfg.accumulate} must be a positive divisor of --batch-size "
+             f"{cfg.batch_size}")
     if cfg.warmup_iter >= cfg.max_iter:
         fail(f"--warmup-iter ({cfg.warmup_iter}) must be smaller than --max-iter ({cfg.max_iter})")
     if not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:

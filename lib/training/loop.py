@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,8 @@ from lib.training.monitor import EventLog
 from lib.training.runs import CHECKPOINT_PATTERN, prune_checkpoints
 from lib.training.state import RunState, base_lr
 from lib.training.step import (
+    accumulated_step,
     autocast_context,
-    step_losses,
     to_memory_format,
     use_channels_last,
     without_cudnn_autotuning,
@@ -78,8 +79,7 @@ def train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
             # Randomness inside the model (dropout) depends only on (seed, rank, iteration), so
             # that a resumed run continues exactly as an uninterrupted one would have.
             torch.manual_seed(iteration_seed(cfg.seed, dist_info.rank, state.iteration))
-            images, labels = next(batches)
-            train_step(state, images, labels, criterion, meters, dist_info.device)
+            train_step(state, batches, criterion, meters, dist_info.device)
             it = state.iteration
             if bar is not None:
                 bar.update(1)
@@ -108,18 +108,22 @@ def train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
             "loop_seconds": total, "validation_seconds": validation_seconds}
 
 
-def train_step(state: RunState, images: torch.Tensor, labels: torch.Tensor,
-               criterion: nn.Module, meters: Meters, device: torch.device) -> None:
-    """One iteration: forward, backward, optimizer and schedule step, EMA; adds the losses to
-    ``meters`` without synchronising with the device."""
+def train_step(state: RunState, batches: Iterator, criterion: nn.Module, meters: Meters,
+               device: torch.device) -> None:
+    """One iteration: forward and backward of its batch (in ``--accumulate`` micro-batches, the
+    gradients all-reduced once), optimizer and schedule step, EMA; adds the losses to ``meters``
+    without synchronising with the device."""
     cfg, scaler = state.cfg, state.scaler
-    images = to_memory_format(images.to(device, non_blocking=True),
-                              use_channels_last(cfg.channels_last, device))
-    labels = labels.to(device, non_blocking=True)
-    loss, losses = step_losses(state.net, criterion, images, labels, cfg.aux_weight,
-                               autocast_context(device, cfg.fp16))
+    channels_last = use_channels_last(cfg.channels_last, device)
+
+    def to_device(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (to_memory_format(images.to(device, non_blocking=True), channels_last),
+                labels.to(device, non_blocking=True))
+
     state.optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    loss, losses = accumulated_step(state.net, criterion, batches, cfg.accumulate,
+                                    cfg.aux_weight, to_device, autocast_context(device, cfg.fp16),
+                                    scaler, state.ddp_model)
     # the scale tensor before the step (private attribute: get_scale() would synchronise)
     scale_before = scaler._scale.clone() if scaler.is_enabled() else None
     scaler.step(state.optimizer)

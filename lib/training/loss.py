@@ -82,8 +82,10 @@ class OhemCrossEntropy(nn.Module):
         return torch.stack(kept)
 
     def pixel_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-pixel float32 cross-entropy, flattened; 0 at ignored pixels. ``labels``: int64."""
+        """Per-pixel float32 cross-entropy, flattened; 0 at ignored pixels. ``labels``: int64.
+        float64 logits stay float64 (for exact comparisons in tests)."""
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         with torch.autocast(logits.device.type, enabled=False):
-            log_probs = F.log_softmax(logits, dim=1, dtype=torch.float32)
+            log_probs = F.log_softmax(logits, dim=1, dtype=dtype)
             return F.nll_loss(log_probs, labels, ignore_index=self.ignore_index,
                               reduction="none").flatten()

@@ -105,17 +105,22 @@ def check_resume(cfg: TrainConfig, path: Path, checkpoint: dict, run_dir: Path
     return changes
 
 
-def check_batch_split(batch_size: int, world: int, sync_bn: bool) -> None:
-    """Refuse batch splits that cannot train; ``sync_bn``: batch statistics are over all ranks."""
+def check_batch_split(batch_size: int, world: int, sync_bn: bool, accumulate: int = 1) -> None:
+    """Refuse batch splits that cannot train; ``sync_bn``: batch statistics are over all ranks;
+    ``accumulate``: each process's share runs as that many micro-batches."""
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} is not divisible by {world} processes")
-    # BatchNorm on the pooled 1x1 context features needs two samples: per process, or in total
-    # when SyncBatchNorm computes the statistics over all processes.
-    if batch_size // world < 2 and not (sync_bn and batch_size >= 2):
-        raise ValueError(
-            f"--batch-size {batch_size} gives {batch_size // world} image per process; at least "
-            "2 are needed" + ("" if batch_size < 2 else
-                              " without SyncBatchNorm (with --sync-bn, 1 is allowed)"))
+    if (batch_size // world) % accumulate:
+        raise ValueError(f"--batch-size {batch_size} gives {batch_size // world} images per "
+                         f"process, not divisible into --accumulate {accumulate} micro-batches")
+    # BatchNorm (of the micro-batch) on the pooled 1x1 context features needs two samples: per
+    # process, or in total when SyncBatchNorm computes the statistics over all processes.
+    micro = batch_size // accumulate
+    if micro // world < 2 and not (sync_bn and micro >= 2):
+        what = (f"--batch-size {batch_size} gives {micro // world} image per process"
+                + ("" if accumulate == 1 else f" and micro-batch (--accumulate {accumulate})"))
+        raise ValueError(f"{what}; at least 2 are needed" + (
+            "" if micro < 2 else " without SyncBatchNorm (with --sync-bn, 1 is allowed)"))
 
 
 def uses_sync_bn(cfg: TrainConfig, dist_info: distributed.DistInfo) -> bool:
@@ -206,7 +211,7 @@ def build_loader(cfg: TrainConfig, train_set: SegmentationDataset,
     sampler = InfiniteShardedSampler(len(train_set), cfg.batch_size, dist_info.rank, world,
                                      seed=cfg.seed, start_iter=start_iter)
     return DataLoader(
-        train_set, batch_size=cfg.batch_size // world, sampler=sampler,
+        train_set, batch_size=cfg.batch_size // world // cfg.accumulate, sampler=sampler,
         num_workers=cfg.num_workers, pin_memory=dist_info.device.type == "cuda", drop_last=True,
         worker_init_fn=worker_init, persistent_workers=cfg.num_workers > 0,
     )
@@ -216,8 +221,9 @@ def log_start(cfg: TrainConfig, dist_info: distributed.DistInfo, run_dir: Path) 
     if dist_info.is_main:
         logger.info("run folder: %s", run_dir)
         logger.info("config: %s", cfg.as_flat_dict())
-        logger.info("%d process(es) on %s, %d images per process per iteration",
-                    dist_info.world_size, dist_info.device, cfg.batch_size // dist_info.world_size)
+        logger.info("%d process(es) on %s, %d images per process per iteration%s",
+                    dist_info.world_size, dist_info.device, cfg.batch_size // dist_info.world_size,
+                    f" in {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else "")
 
 
 __all__ = ["plan_run_folder", "find_resume", "check_resume", "check_batch_split", "uses_sync_bn",

@@ -26,7 +26,7 @@ training step is compiled and checkpoints keep the plain keys.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -165,6 +165,39 @@ def step_losses(net: nn.Module, criterion: OhemCrossEntropy, images: torch.Tenso
         return losses[0] + aux_weight * losses[1:].sum(), losses
 
 
+def accumulated_step(net: nn.Module, criterion: OhemCrossEntropy, batches: Iterator,
+                     micro_batches: int, aux_weight: float,
+                     prepare: Callable[[torch.Tensor, torch.Tensor],
+                                       tuple[torch.Tensor, torch.Tensor]],
+                     autocast: AbstractContextManager | None = None,
+                     scaler: torch.amp.GradScaler | None = None,
+                     ddp: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of one iteration's ``micro_batches`` batches drawn from ``batches``
+    (``--accumulate``); the gradients add up in ``.grad``, the optimizer steps afterwards.
+
+    Each micro-batch's loss is divided by ``micro_batches``, so the summed gradient is that of
+    the mean of the micro-batch losses: the large batch's gradient when every micro-batch has
+    the same number of pixels in the loss (OHEM keeps its hard pixels per micro-batch, and
+    BatchNorm normalises each micro-batch with its own statistics; README, Training).
+    ``scaler`` (fp16) scales every micro-batch's loss with the same scale. Under DDP (``ddp``,
+    the wrapper) the gradients are all-reduced once, in the last micro-batch's backward.
+    ``prepare`` moves a batch to the device. Returns the detached training loss and per-output
+    losses, averaged over the micro-batches.
+    """
+    total = per_output = None
+    for index in range(micro_batches):
+        images, labels = prepare(*next(batches))
+        last = index == micro_batches - 1
+        with nullcontext() if ddp is None or last else ddp.no_sync():
+            loss, losses = step_losses(net, criterion, images, labels, aux_weight, autocast)
+            loss, losses = loss / micro_batches, losses.detach() / micro_batches
+            with torch.profiler.record_function("backward"):
+                (loss if scaler is None else scaler.scale(loss)).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        per_output = losses if per_output is None else per_output + losses
+    return total, per_output
+
+
 
 def autocast_context(device: torch.device, enabled: bool):
     """fp16 autocast on CUDA, bf16 on the CPU (fp16 matmuls are slow or missing there)."""
@@ -177,4 +210,4 @@ def autocast_context(device: torch.device, enabled: bool):
 __all__ = ["StepDefaults", "STEP_DEFAULTS", "COMPILE_MIN_ITERATIONS", "step_defaults",
            "use_channels_last", "use_compile", "set_backend_defaults", "without_cudnn_autotuning",
            "describe_step", "to_memory_format", "compile_for_training", "without_dropout",
-           "step_losses", "autocast_context"]
+           "step_losses", "accumulated_step", "autocast_context"]

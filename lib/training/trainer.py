@@ -60,7 +60,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> dict[str, Any]:
-    check_batch_split(cfg.batch_size, dist_info.world_size, uses_sync_bn(cfg, dist_info))
+    check_batch_split(cfg.batch_size, dist_info.world_size, uses_sync_bn(cfg, dist_info),
+                      cfg.accumulate)
     resume = find_resume(cfg, plan)
     changes = check_resume(cfg, *resume, plan.run_dir) if resume is not None else []
     torch.manual_seed(cfg.seed)
