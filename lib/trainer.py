@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib import distributed
@@ -37,7 +36,8 @@ from lib.checkpoint import (
     save_checkpoint,
 )
 from lib.config import TrainConfig
-from lib.data import DatasetInfo, build_dataset, dataset_info, prepare_dataset, worker_init
+from lib.data import DatasetInfo, build_dataset, dataset_info, prepare_dataset
+from lib.data_loading import SLOW_DATA_FRACTION, TrainPipeline, build_train_loader
 from lib.deploy import to_inference_form
 from lib.ema import WeightEma
 from lib.evaluator import evaluate, format_iou_table, iou_from_confusion
@@ -296,27 +296,29 @@ def build_train_model(cfg: TrainConfig, dist_info: distributed.DistInfo,
     return to_memory_format(model, use_channels_last(cfg.channels_last, dist_info.device))
 
 
-def _log_progress(it, cfg, optimizer, sums, names, count, elapsed):
-    """Log the means of the last ``count`` iterations; returns them (total, then per head)."""
+def _log_progress(it, cfg, optimizer, sums, names, count, elapsed, data_wait):
+    """Log the means of the last ``count`` iterations; returns them (total, then per head).
+
+    ``data_wait``: the fraction of ``elapsed`` the loop spent waiting for the next batch."""
     means = (sums / max(count, 1)).tolist()
     per_head = " ".join(f"{n}={v:.4f}" for n, v in zip(names, means[1:], strict=False))
     sec_per_it = elapsed / max(count, 1)
     eta = sec_per_it * (cfg.max_iter - it)
     logger.info(
-        "iter %d/%d | lr %.6g | samples %d | loss %.4f (%s) | %.3f s/it | eta %s",
+        "iter %d/%d | lr %.6g | samples %d | loss %.4f (%s) | %.3f s/it | data %.0f%% | eta %s",
         it, cfg.max_iter, base_lr(optimizer), it * cfg.batch_size, means[0],
-        per_head, sec_per_it,
+        per_head, sec_per_it, 100 * data_wait,
         time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.1f} h",
     )
     return means
 
 
 def record_progress(state: RunState, events: EventLog, means: list[float], count: int,
-                     elapsed: float) -> None:
+                     elapsed: float, data_wait: float = 0.0) -> None:
     """The logged values into the history (curves.png) and TensorBoard; already on the host."""
     it, lr = state.iteration, base_lr(state.optimizer)
     state.history.add_training(it, means[0], lr)
-    values = {"train/loss": means[0], "train/lr": lr,
+    values = {"train/loss": means[0], "train/lr": lr, "train/data_wait": data_wait,
               "train/images_per_s": count * state.cfg.batch_size / max(elapsed, 1e-9)}
     values.update({f"train/loss_{name}": v
                    for name, v in zip(state.model.output_names, means[1:], strict=True)})
@@ -439,18 +441,14 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
 
     sampler = InfiniteShardedSampler(len(train_set), cfg.batch_size, dist_info.rank, world,
                                      seed=cfg.seed, start_iter=state.iteration)
-    loader = DataLoader(
-        train_set, batch_size=cfg.batch_size // world, sampler=sampler,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-        worker_init_fn=worker_init, persistent_workers=cfg.num_workers > 0,
-    )
+    pipeline = build_train_loader(cfg, train_set, sampler, device, world)
     criterion = OhemCrossEntropy(thresh=cfg.ohem_thresh, ignore_index=cfg.ignore_index)
 
     val_set = build_dataset(cfg, "val", train=False) if cfg.eval_every else None
     events = EventLog(out_dir if dist_info.is_main and cfg.tensorboard else None,
                       purge_step=state.iteration)
     try:
-        summary = _train_loop(state, loader, criterion, dist_info, val_set, events)
+        summary = _train_loop(state, pipeline, criterion, dist_info, val_set, events)
         final_path = out_dir / FINAL_NAME
         state.ensure_finite()
         if dist_info.is_main:
@@ -520,7 +518,7 @@ class StopRequest:
         return bool(flag.item())
 
 
-def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
+def _train_loop(state: RunState, pipeline: TrainPipeline, criterion: nn.Module,
                 dist_info: distributed.DistInfo, val_set=None,
                 events: EventLog | None = None) -> dict[str, Any]:
     cfg, device = state.cfg, dist_info.device
@@ -537,7 +535,10 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
     count = 0
     channels_last = use_channels_last(cfg.channels_last, device)
     tic = time.perf_counter()
-    batches = iter(loader)
+    data_wait = 0.0  # seconds spent in next(batches) this interval
+    # advice on slow data: once, and not from the first interval (it includes starting workers)
+    data_advised, first_interval = False, True
+    batches = iter(pipeline.loader)
     # with a progress bar, log lines are printed above it
     with StopRequest() as stop, logging_redirect_tqdm() if bar is not None else nullcontext():
         while state.iteration < cfg.max_iter:
@@ -545,9 +546,10 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
             # Randomness inside the model (dropout) depends only on (seed, rank, iteration), so
             # that a resumed run continues exactly as an uninterrupted one would have.
             torch.manual_seed(iteration_seed(cfg.seed, dist_info.rank, it))
-            images, labels = next(batches)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+            wait_tic = time.perf_counter()
+            images, labels = next(batches)  # host-side wait only: no device synchronisation
+            data_wait += time.perf_counter() - wait_tic
+            images, labels = pipeline.to_device(images, labels)
             images = to_memory_format(images, channels_last)
             loss, losses = step_losses(state.net, criterion, images, labels, cfg.aux_weight,
                                        autocast_context(device, cfg.fp16))
@@ -577,13 +579,19 @@ def _train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
                 elapsed = time.perf_counter() - tic
                 _check_divergence(state, sums, count, names, skip_longest)
                 skip_longest.copy_(skip_run)
+                waited = data_wait / max(elapsed, 1e-9)
                 if dist_info.is_main:
-                    means = _log_progress(it, cfg, state.optimizer, sums, names, count, elapsed)
-                    record_progress(state, events, means, count, elapsed)
+                    means = _log_progress(it, cfg, state.optimizer, sums, names, count, elapsed,
+                                          waited)
+                    record_progress(state, events, means, count, elapsed, waited)
                     if bar is not None:
                         bar.set_postfix(loss=f"{means[0]:.4f}", refresh=False)
+                    if waited > SLOW_DATA_FRACTION and not (data_advised or first_interval):
+                        logger.warning("%s", pipeline.advice(waited))
+                        data_advised = True
                 sums.zero_()
                 count = 0
+                data_wait, first_interval = 0.0, False
                 tic = time.perf_counter()
             if val_set is not None and cfg.eval_every and it % cfg.eval_every == 0:
                 seconds = validate(state, val_set, dist_info, events)
