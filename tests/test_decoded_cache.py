@@ -156,6 +156,20 @@ def test_device_normalisation_is_bit_identical_to_the_workers(toy_root):
     assert padded  # scales down to 0.25 of 96x192: some crops were padded
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_normalisation_is_bit_identical_to_the_workers(toy_root):
+    dataset = build_dataset(_config(toy_root, "off"), "train", train=True)
+    image, label = dataset.decode(2)
+    uint8_transform = TrainTransform((64, 96), (0.25, 1.5), uint8_output=True)
+    float_transform = TrainTransform((64, 96), (0.25, 1.5))
+    normaliser = BatchNormaliser(uint8_transform.mean, uint8_transform.std, "cuda")
+    crops = [uint8_transform(image, label, np.random.default_rng(s))[0] for s in range(8)]
+    expected = torch.stack([float_transform(image, label, np.random.default_rng(s))[0]
+                            for s in range(8)])
+    out = normaliser(torch.stack(crops).cuda()).cpu()
+    assert torch.equal(out, expected)
+
+
 def test_the_pipeline_sends_uint8_and_normalises_on_the_device(toy_root, tmp_path):
     cfg = replace(_config(toy_root, str(tmp_path)), num_workers=1, device_normalise=True)
     reference = build_dataset(replace(cfg, data_cache="off"), "train", train=True)
@@ -183,3 +197,22 @@ def test_auto_workers_follow_affinity_and_processes_per_node():
     assert f"{cpus} CPUs" in why
     if cpus >= 3:
         assert workers == cpus - 1
+
+
+def test_build_cache_tool_fills_the_folder_training_reads(toy_root, tmp_path):
+    cache_dir = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "tools/build_cache.py", "--data-root", str(toy_root), "--data-cache",
+         str(cache_dir), "--jobs", "2"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # what training with the same options finds: every sample cached, the same arrays
+    dataset = build_dataset(_config(toy_root, "off"), "train", train=True)
+    cache = attach_cache(dataset, str(cache_dir))
+    usage = cache.survey()
+    assert (usage.cached, usage.total, usage.missing_bytes) == (6, 6, 0)
+    assert str(cache.folder) in proc.stdout + proc.stderr
+    image, _ = cache.load(5, dataset)
+    assert isinstance(image, np.memmap)
+    np.testing.assert_array_equal(image, np.asarray(Image.open(dataset.pairs[5][0])))

@@ -26,6 +26,16 @@ changes over time affects every variant alike; the median round is reported.
     python tools/benchmark_train.py                               # V1 and V2, batch 8, 256x512
     python tools/benchmark_train.py --models bisenetv2 --variants eager channels-last
     python tools/benchmark_train.py --device cuda --size 512 1024 --batch 16
+
+``--end-to-end`` times the training loop instead: the real loader (``lib/data_loading.py``, over
+full-size toy PNGs generated first, or ``--data-root``) feeding the step of the first model and
+the first variant given, for each ``--workers`` count, without and with the decoded-image cache
+(built before timing). Each row gives images/s, the fraction of the time spent waiting in
+``next()`` for a batch (the trainer's "data N%") and the pure step's images/s on one batch kept
+on the device, timed in the same process.
+
+    python tools/benchmark_train.py --end-to-end --models bisenetv2 --variants eager \
+        --size 256 512 --batch 8 --workers 0 1
 """
 
 import pathlib
@@ -35,7 +45,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
@@ -43,10 +55,15 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lib.config import TrainConfig  # noqa: E402
+from lib.data import build_dataset  # noqa: E402
+from lib.data_loading import build_train_loader  # noqa: E402
 from lib.distributed import select_device  # noqa: E402
 from lib.loss import OhemCrossEntropy  # noqa: E402
 from lib.models import MODEL_NAMES, build_model  # noqa: E402
 from lib.optim import build_optimizer  # noqa: E402
+from lib.sampler import InfiniteShardedSampler  # noqa: E402
+from lib.toy_cityscapes import generate_toy_cityscapes  # noqa: E402
 from lib.train_step import (  # noqa: E402
     compile_for_training,
     step_losses,
@@ -157,6 +174,54 @@ def benchmark_model(model_name: str, variants: list[str], args, device: torch.de
     return rows
 
 
+def end_to_end(args, device: torch.device, root: pathlib.Path, cache_dir: pathlib.Path) -> list:
+    """Rows (workers, cache, images/s, data wait, pure step images/s) of the real loop."""
+    model_name, variant = args.models[0], args.variants[0]
+    torch.manual_seed(0)
+    initial = without_dropout(build_model(model_name, 19, aux_heads=True))
+    criterion = OhemCrossEntropy()
+    rows = []
+    for workers in args.workers:
+        for cache in ("off", str(cache_dir)):
+            cfg = dataclasses.replace(
+                TrainConfig(), data_root=str(root), crop_size=tuple(args.size),
+                batch_size=args.batch, num_workers=None if workers < 0 else workers,
+                data_cache=cache, device=device.type)
+            dataset = build_dataset(cfg, "train", train=True)
+            sampler = InfiniteShardedSampler(len(dataset), args.batch, seed=0)
+            pipeline = build_train_loader(cfg, dataset, sampler, device, 1)
+            if pipeline.cache is not None:  # built before timing: the steady state
+                for index in range(len(dataset)):
+                    pipeline.cache.load(index, dataset)
+            runner = make_runner(variant, initial, device, args.lr)
+            batches = iter(pipeline.loader)
+            waited = 0.0
+            for it in range(args.compare_iters + args.iters):  # the first ones warm up
+                if it == args.compare_iters:
+                    _sync(device)
+                    start = time.perf_counter()
+                tic = time.perf_counter()
+                images, labels = next(batches)  # as the trainer: no synchronisation per step
+                waited += time.perf_counter() - tic if it >= args.compare_iters else 0.0
+                images, labels = pipeline.to_device(images, labels)
+                train_step(runner, criterion, images, labels, seed=iteration_seed(0, 0, it))
+            _sync(device)
+            total = time.perf_counter() - start
+            del batches
+            _sync(device)
+            tic = time.perf_counter()
+            for it in range(args.iters):  # the same step on the last batch, already there
+                train_step(runner, criterion, images, labels, seed=iteration_seed(0, 0, it))
+            _sync(device)
+            step = (time.perf_counter() - tic) / args.iters
+            rows.append([model_name, variant, pipeline.num_workers, cache != "off",
+                         f"{args.batch * args.iters / total:.2f}", f"{100 * waited / total:.0f}%",
+                         f"{args.batch / step:.2f}"])
+            print(f"workers {pipeline.num_workers}, cache {cache != 'off'}: {rows[-1][4]} "
+                  f"images/s, data {rows[-1][5]}", flush=True)
+    return rows
+
+
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,6 +241,17 @@ def main(argv=None) -> list:
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (0: PyTorch's default)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="time the real loader and the step together (see above)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[-1],
+                        help="--end-to-end: worker counts to time (-1: the trainer's automatic "
+                        "choice)")
+    parser.add_argument("--data-root", default=None,
+                        help="--end-to-end: Cityscapes-layout root (default: generated toy PNGs)")
+    parser.add_argument("--images", type=int, default=8,
+                        help="--end-to-end: toy images to generate")
+    parser.add_argument("--image-size", nargs=2, type=int, default=(1024, 2048),
+                        metavar=("H", "W"), help="--end-to-end: toy image height and width")
     args = parser.parse_args(argv)
     if args.compare_iters < 1 or args.iters < 1 or args.rounds < 1:
         parser.error("--compare-iters, --iters and --rounds must be at least 1")
@@ -186,6 +262,16 @@ def main(argv=None) -> list:
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"batch {args.batch} at {args.size[0]}x{args.size[1]}; amp = {amp}; "
           f"{args.rounds} interleaved rounds of {args.iters} steps", flush=True)
+    if args.end_to_end:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = pathlib.Path(args.data_root) if args.data_root else generate_toy_cityscapes(
+                pathlib.Path(tmp) / "toy", n_train=args.images, n_val=0,
+                height=args.image_size[0], width=args.image_size[1])
+            rows = end_to_end(args, device, root, pathlib.Path(tmp) / "cache")
+        print(tabulate(rows, tablefmt="github", headers=[
+            "model", "variant", "workers", "decoded cache", "images/s", "data wait",
+            "pure step images/s"]))
+        return rows
     rows = []
     for model_name in args.models:
         rows += benchmark_model(model_name, args.variants, args, device)
