@@ -133,41 +133,40 @@ def test_too_little_room_is_refused_naming_folder_and_bytes(toy_root, tmp_path):
     assert str(usage.missing_bytes) in message and str(usage.free_bytes) in message
 
 
-def test_device_normalisation_is_bit_identical_to_the_workers(toy_root):
-    dataset = build_dataset(_config(toy_root, "off"), "train", train=True)
+def _uint8_and_float_crops(root: Path, seeds: range) -> tuple[list, list]:
+    """The same random crops of a toy sample as uint8 and as the workers' normalised floats."""
+    dataset = build_dataset(_config(root, "off"), "train", train=True)
     image, label = dataset.decode(0)
     uint8_transform = TrainTransform((64, 96), (0.25, 1.5), uint8_output=True)
     float_transform = TrainTransform((64, 96), (0.25, 1.5))
-    normaliser = BatchNormaliser(uint8_transform.mean, uint8_transform.std, "cpu")
+    return ([uint8_transform(image, label, np.random.default_rng(s)) for s in seeds],
+            [float_transform(image, label, np.random.default_rng(s)) for s in seeds])
+
+
+def test_device_normalisation_is_bit_identical_to_the_workers(toy_root):
+    small, reference = _uint8_and_float_crops(toy_root, range(12))
+    mean, std = TrainConfig().mean, TrainConfig().std
+    normaliser = BatchNormaliser(mean, std, "cpu")
     padded = 0
-    for seed in range(12):
-        small_image, small_label = uint8_transform(image, label, np.random.default_rng(seed))
-        ref_image, ref_label = float_transform(image, label, np.random.default_rng(seed))
+    for (small_image, small_label), (ref_image, ref_label) in zip(small, reference, strict=True):
         assert small_image.dtype == torch.uint8 and small_label.dtype == torch.uint8
         out = normaliser(small_image[None])[0]
         assert torch.equal(out, ref_image)
         assert torch.equal(small_label.long(), ref_label)
         padded += int((small_label == 255).all(dim=1).any())  # a whole column of padding
         # and the formula itself, in float64
-        mean = torch.tensor(uint8_transform.mean, dtype=torch.float64).view(3, 1, 1)
-        std = torch.tensor(uint8_transform.std, dtype=torch.float64).view(3, 1, 1)
-        exact = (small_image.double() / 255 - mean) / std
+        exact = ((small_image.double() / 255 - torch.tensor(mean).double().view(3, 1, 1))
+                 / torch.tensor(std).double().view(3, 1, 1))
         assert (out.double() - exact).abs().max() < 1e-5
     assert padded  # scales down to 0.25 of 96x192: some crops were padded
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_normalisation_is_bit_identical_to_the_workers(toy_root):
-    dataset = build_dataset(_config(toy_root, "off"), "train", train=True)
-    image, label = dataset.decode(2)
-    uint8_transform = TrainTransform((64, 96), (0.25, 1.5), uint8_output=True)
-    float_transform = TrainTransform((64, 96), (0.25, 1.5))
-    normaliser = BatchNormaliser(uint8_transform.mean, uint8_transform.std, "cuda")
-    crops = [uint8_transform(image, label, np.random.default_rng(s))[0] for s in range(8)]
-    expected = torch.stack([float_transform(image, label, np.random.default_rng(s))[0]
-                            for s in range(8)])
-    out = normaliser(torch.stack(crops).cuda()).cpu()
-    assert torch.equal(out, expected)
+    small, reference = _uint8_and_float_crops(toy_root, range(8))
+    normaliser = BatchNormaliser(TrainConfig().mean, TrainConfig().std, "cuda")
+    out = normaliser(torch.stack([image for image, _ in small]).cuda()).cpu()
+    assert torch.equal(out, torch.stack([image for image, _ in reference]))
 
 
 def test_the_pipeline_sends_uint8_and_normalises_on_the_device(toy_root, tmp_path):

@@ -259,9 +259,11 @@ def main(argv=None) -> list:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
     amp = "fp16 autocast" if device.type == "cuda" else "bf16 autocast"
+    timing = (f"{args.compare_iters} warm-up + {args.iters} timed iterations per row"
+              if args.end_to_end else f"{args.rounds} interleaved rounds of {args.iters} steps")
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"batch {args.batch} at {args.size[0]}x{args.size[1]}; amp = {amp}; "
-          f"{args.rounds} interleaved rounds of {args.iters} steps", flush=True)
+          f"batch {args.batch} at {args.size[0]}x{args.size[1]}; amp = {amp}; {timing}",
+          flush=True)
     if args.end_to_end:
         with tempfile.TemporaryDirectory() as tmp:
             root = pathlib.Path(args.data_root) if args.data_root else generate_toy_cityscapes(
