@@ -51,6 +51,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
+import cv2  # noqa: E402
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from torch import nn  # noqa: E402
@@ -177,6 +178,9 @@ def benchmark_model(model_name: str, variants: list[str], args, device: torch.de
 def end_to_end(args, device: torch.device, root: pathlib.Path, cache_dir: pathlib.Path) -> list:
     """Rows (workers, cache, images/s, data wait, pure step images/s) of the real loop."""
     model_name, variant = args.models[0], args.variants[0]
+    # the main process loads (0 workers) as a worker does, with one OpenCV thread; an OpenCV
+    # thread pool started here would also hang the workers forked later in cv2.setNumThreads
+    cv2.setNumThreads(1)
     torch.manual_seed(0)
     initial = without_dropout(build_model(model_name, 19, aux_heads=True))
     criterion = OhemCrossEntropy()
