@@ -29,6 +29,7 @@ from lib.training.config import TrainConfig
 from lib.training.loop import train_loop
 from lib.training.loss import OhemCrossEntropy
 from lib.training.optim import build_optimizer
+from lib.training.pipeline import TrainPipeline
 from lib.training.runs import CHECKPOINT_PATTERN
 from lib.training.setup import check_batch_split
 from lib.training.state import RunState, base_lr, make_scheduler
@@ -111,7 +112,8 @@ def _trainer_run(tmp_path: Path, initial: nn.Module, accumulate: int,
     loader = DataLoader(samples, batch_size=8 // accumulate,
                         sampler=InfiniteShardedSampler(len(samples), 8, seed=cfg.seed))
     # OHEM keeping at least all pixels: the plain cross-entropy of the reference
-    train_loop(state, loader, OhemCrossEntropy(min_kept_ratio=1.0),
+    pipeline = TrainPipeline(loader, torch.device("cpu"), 0, None, None)
+    train_loop(state, pipeline, OhemCrossEntropy(min_kept_ratio=1.0),
                DistInfo(0, 1, 0, torch.device("cpu")))
     return state
 

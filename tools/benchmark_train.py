@@ -28,6 +28,17 @@ changes over time affects every variant alike; the median round is reported.
     python tools/benchmark_train.py                               # V1 and V2, batch 8, 256x512
     python tools/benchmark_train.py --models bisenetv2 --variants eager channels-last
     python tools/benchmark_train.py --device cuda --size 512 1024 --batch 16
+
+``--end-to-end`` times the training loop instead: the real loader (``lib/training/pipeline.py``,
+over
+full-size toy PNGs generated first, or ``--data-root``) feeding the step of the first model and
+the first variant given, for each ``--workers`` count, without and with the decoded-image cache
+(built before timing). Each row gives images/s, the fraction of the time spent waiting in
+``next()`` for a batch (the trainer's "data N%") and the pure step's images/s on one batch kept
+on the device, timed in the same process.
+
+    python tools/benchmark_train.py --end-to-end --models bisenetv2 --variants eager \
+        --size 256 512 --batch 8 --workers 0 1
 """
 
 import pathlib
@@ -39,18 +50,25 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 
+import cv2
 import torch
 from tabulate import tabulate
 from torch import nn
 
 from lib.common.distributed import select_device
+from lib.data.dataset import build_dataset
+from lib.data.sampler import InfiniteShardedSampler
+from lib.data.toy_cityscapes import generate_toy_cityscapes
 from lib.models.zoo import build_model, model_names
+from lib.training.config import TrainConfig
 from lib.training.loop import iteration_seed
 from lib.training.loss import OhemCrossEntropy
 from lib.training.optim import build_optimizer
+from lib.training.pipeline import build_train_loader
 from lib.training.step import (
     autocast_context,
     compile_for_training,
@@ -204,6 +222,57 @@ def benchmark_model(model_name: str, variants: list[str], args, device: torch.de
     return rows
 
 
+def end_to_end(args, device: torch.device, root: pathlib.Path, cache_dir: pathlib.Path) -> list:
+    """Rows (workers, cache, images/s, data wait, pure step images/s) of the real loop."""
+    model_name, variant = args.models[0], args.variants[0]
+    # the main process loads (0 workers) as a worker does, with one OpenCV thread; an OpenCV
+    # thread pool started here would also hang the workers forked later in cv2.setNumThreads
+    cv2.setNumThreads(1)
+    torch.manual_seed(0)
+    initial = without_dropout(build_model(model_name, 19, aux_heads=True))
+    criterion = OhemCrossEntropy()
+    rows = []
+    for workers in args.workers:
+        for cache in ("off", str(cache_dir)):
+            cfg = TrainConfig().replace(
+                data_root=str(root), crop_size=tuple(args.size),
+                batch_size=args.batch, num_workers=None if workers < 0 else workers,
+                data_cache=cache, device=device.type)
+            dataset = build_dataset(cfg.data, "train", cfg.train_transform())
+            sampler = InfiniteShardedSampler(len(dataset), args.batch, seed=0)
+            pipeline = build_train_loader(cfg, dataset, sampler, device, 1)
+            if pipeline.cache is not None:  # built before timing: the steady state
+                for index in range(len(dataset)):
+                    pipeline.cache.load(index, dataset)
+            runner = make_runner(variant, initial, device, args.lr)
+            batches = iter(pipeline.loader)
+            waited = 0.0
+            for it in range(args.compare_iters + args.iters):  # the first ones warm up
+                if it == args.compare_iters:
+                    _sync(device)
+                    start = time.perf_counter()
+                tic = time.perf_counter()
+                images, labels = next(batches)  # as the trainer: no synchronisation per step
+                waited += time.perf_counter() - tic if it >= args.compare_iters else 0.0
+                images, labels = pipeline.to_device(images, labels)
+                train_step(runner, criterion, images, labels, seed=iteration_seed(0, 0, it))
+            _sync(device)
+            total = time.perf_counter() - start
+            del batches
+            _sync(device)
+            tic = time.perf_counter()
+            for it in range(args.iters):  # the same step on the last batch, already there
+                train_step(runner, criterion, images, labels, seed=iteration_seed(0, 0, it))
+            _sync(device)
+            step = (time.perf_counter() - tic) / args.iters
+            rows.append([model_name, variant, pipeline.num_workers, cache != "off",
+                         f"{args.batch * args.iters / total:.2f}", f"{100 * waited / total:.0f}%",
+                         f"{args.batch / step:.2f}"])
+            print(f"workers {pipeline.num_workers}, cache {cache != 'off'}: {rows[-1][4]} "
+                  f"images/s, data {rows[-1][5]}", flush=True)
+    return rows
+
+
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,6 +296,17 @@ def main(argv=None) -> list:
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, print torch.profiler's table (ROWS operators) of one "
                         "step of each variant (0: off)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="time the real loader and the step together (see above)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[-1],
+                        help="--end-to-end: worker counts to time (-1: the trainer's automatic "
+                        "choice)")
+    parser.add_argument("--data-root", default=None,
+                        help="--end-to-end: Cityscapes-layout root (default: generated toy PNGs)")
+    parser.add_argument("--images", type=int, default=8,
+                        help="--end-to-end: toy images to generate")
+    parser.add_argument("--image-size", nargs=2, type=int, default=(1024, 2048),
+                        metavar=("H", "W"), help="--end-to-end: toy image height and width")
     args = parser.parse_args(argv)
     if args.compare_iters < 1 or args.iters < 1 or args.rounds < 1:
         parser.error("--compare-iters, --iters and --rounds must be at least 1")
@@ -237,10 +317,22 @@ def main(argv=None) -> list:
                                                                DEFAULT_VARIANTS["cpu"]))
     set_backend_defaults(device)  # cudnn.benchmark on CUDA, as the trainer sets it
     amp = "fp16 autocast + GradScaler" if device.type == "cuda" else "bf16 autocast"
+    timing = (f"{args.compare_iters} warm-up + {args.iters} timed iterations per row"
+              if args.end_to_end else f"{args.rounds} interleaved rounds of {args.iters} steps")
     print(f"device {device} ({device_name(device)}), {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, cudnn.benchmark {torch.backends.cudnn.benchmark}; "
           f"batch {args.batch} at {args.size[0]}x{args.size[1]}; amp = {amp}; "
-          f"{args.rounds} interleaved rounds of {args.iters} steps", flush=True)
+          f"{timing}", flush=True)
+    if args.end_to_end:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = pathlib.Path(args.data_root) if args.data_root else generate_toy_cityscapes(
+                pathlib.Path(tmp) / "toy", n_train=args.images, n_val=0,
+                height=args.image_size[0], width=args.image_size[1])
+            rows = end_to_end(args, device, root, pathlib.Path(tmp) / "cache")
+        print(tabulate(rows, tablefmt="github", headers=[
+            "model", "variant", "workers", "decoded cache", "images/s", "data wait",
+            "pure step images/s"]))
+        return rows
     rows = []
     for model_name in args.models:
         rows += benchmark_model(model_name, args.variants, args, device)

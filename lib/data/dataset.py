@@ -71,20 +71,27 @@ class SegmentationDataset(Dataset):
         self.valid_raw = None if valid_raw is None else np.asarray(valid_raw, bool)
         if self.valid_raw is not None:
             self._bad_raw = self._bad_raw | ~self.valid_raw
+        self.decoded_cache = None  # a lib.data.cache.DecodedCache, set by attach_cache
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = item if isinstance(item, tuple) else (item, None)
+        if self.decoded_cache is None:
+            image, label = self.decode(index)
+        else:  # the same arrays, decoded once (lib/data/cache.py)
+            image, label = self.decoded_cache.load(index, self)
+        rng = np.random.default_rng(seed) if seed is not None else None
+        return self.transform(image, label, rng)
+
+    def decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image HxWx3 uint8 RGB, label HxW uint8 train ids) of sample ``index``, checked."""
         image_path, label_path = self.pairs[index]
         image = read_image(image_path)
         if label_path is None:
-            label = np.full(image.shape[:2], self.ignore_index, np.uint8)
-        else:
-            label = self.read_label(label_path, image.shape[:2], image_path)
-        rng = np.random.default_rng(seed) if seed is not None else None
-        return self.transform(image, label, rng)
+            return image, np.full(image.shape[:2], self.ignore_index, np.uint8)
+        return image, self.read_label(label_path, image.shape[:2], image_path)
 
     def read_label(self, path: Path, image_size: tuple[int, int], image_path: Path) -> np.ndarray:
         """HxW uint8 train ids of the label file ``path``, checked against its image."""

@@ -38,6 +38,30 @@ def _normalise_into(image: np.ndarray, out: np.ndarray, tables: np.ndarray) -> N
         np.take(tables[c], channel, out=out[c], mode="clip")  # uint8: never clipped
 
 
+class BatchNormaliser:
+    """Nx3xHxW uint8 batches on ``device`` -> float32, normalised with ``mean``/``std``.
+
+    The arithmetic of ``normalisation_tables`` (two float32 operations per value, a subtraction
+    then a product, which no fused multiply-add can merge), so the result is bit-identical to the
+    workers' lookup whichever device computes it.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device | str = "cpu") -> None:
+        f32 = np.float32
+        shift = np.asarray(mean, f32) * f32(255)
+        scale = f32(1) / (f32(255) * np.asarray(std, f32))
+        # made once: a host-to-device copy per batch would cost a synchronisation
+        self.shift, self.scale = (torch.from_numpy(t).view(1, 3, 1, 1).to(device)
+                                  for t in (shift, scale))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected an Nx3xHxW uint8 batch, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        return (images.float() - self.shift) * self.scale
+
+
 def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """HxWx3 uint8 RGB -> 3xHxW float32, normalised with ``mean``/``std`` of [0, 1] images."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -145,6 +169,7 @@ class TrainTransform:
         mean: Sequence[float] = MEAN,
         std: Sequence[float] = STD,
         ignore_index: int = 255,
+        uint8_output: bool = False,
     ) -> None:
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
@@ -156,6 +181,8 @@ class TrainTransform:
         self.jitter = jitter
         self.mean, self.std = tuple(mean), tuple(std)
         self.ignore_index = ignore_index
+        # uint8 image (and uint8 label when the ignore index fits): BatchNormaliser on the device
+        self.uint8_output = uint8_output
         self._tables = normalisation_tables(self.mean, self.std)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
@@ -181,11 +208,17 @@ class TrainTransform:
             image = colour_jitter(image, *factors)
 
         rows, cols = slice(pad_top, pad_top + keep_h), slice(pad_left, pad_left + keep_w)
-        out_image = np.empty((3, crop_h, crop_w), np.float32)
-        if (keep_h, keep_w) != (crop_h, crop_w):
-            out_image[:] = self._tables[:, :1, None]  # padding is black (0) before normalising
-        _normalise_into(image, out_image[:, rows, cols], self._tables)
-        out_label = np.full((crop_h, crop_w), self.ignore_index, np.int64)
+        if self.uint8_output:
+            out_image = np.zeros((3, crop_h, crop_w), np.uint8)  # padding is black (0)
+            out_image[:, rows, cols] = image.transpose(2, 0, 1)
+        else:
+            out_image = np.empty((3, crop_h, crop_w), np.float32)
+            if (keep_h, keep_w) != (crop_h, crop_w):
+                out_image[:] = self._tables[:, :1, None]  # padding is black (0) before normalising
+            _normalise_into(image, out_image[:, rows, cols], self._tables)
+        small_label = self.uint8_output and 0 <= self.ignore_index < 256
+        out_label = np.full((crop_h, crop_w), self.ignore_index,
+                            np.uint8 if small_label else np.int64)
         out_label[rows, cols] = label
         return torch.from_numpy(out_image), torch.from_numpy(out_label)
 

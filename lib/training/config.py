@@ -71,7 +71,16 @@ class TrainConfig:
         "max-autotune-no-cudagraphs")
     # run
     device: str = _opt("auto", "auto, cuda or cpu")
-    num_workers: int = _opt(4, "data-loading workers per process")
+    num_workers: int | None = _opt(
+        None, "data-loading workers per process (default: the CPUs this process may use, "
+        "divided by the processes per node, minus one)")
+    data_cache: str = _opt(
+        "auto", "decoded-image cache of the training split (each image and label decoded once, "
+        "then memory-mapped): auto ($BISENET_CACHE or ~/.cache/bisenet, subfolder decoded; "
+        "skipped with a warning when the disk lacks room), shm (/dev/shm), a folder, or off")
+    device_normalise: bool | None = _opt(
+        None, "workers send uint8 crops and the device normalises them (default: on for CUDA, "
+        "off for the CPU, where it measured slower)")
     seed: int = _opt(0, "seed of the data order, augmentation and initialisation")
     output_dir: str = _opt(
         "", "this run's folder for checkpoints and logs (default: a new <runs-dir>/<timestamp>)")
@@ -263,6 +272,8 @@ def validate_config(cfg: TrainConfig) -> None:
         fail(f"--crop-size {cfg.crop_size} is too small (at least 32x32)")
     if cfg.lr <= 0:
         fail(f"--lr must be positive, got {cfg.lr}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        fail(f"--num-workers must be 0 or more, got {cfg.num_workers}")
     if cfg.eval_every < 0:
         fail(f"--eval-every must be 0 (off) or positive, got {cfg.eval_every}")
     if not 0 <= cfg.ema_decay < 1:

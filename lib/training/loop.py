@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib.common import distributed
 from lib.common.log import interactive, progress_bar
 from lib.training.divergence import check_divergence, count_skipped_steps
 from lib.training.monitor import EventLog
+from lib.training.pipeline import SLOW_DATA_FRACTION, TrainPipeline
 from lib.training.runs import CHECKPOINT_PATTERN, prune_checkpoints
 from lib.training.state import RunState, base_lr
 from lib.training.step import (
@@ -49,6 +49,9 @@ class Meters:
     skip_longest: torch.Tensor  # longest such run since the last check
     count: int = 0
     tic: float = field(default_factory=time.perf_counter)
+    data_wait: float = 0.0  # seconds the loop waited for batches (host side: no device sync)
+    intervals: int = 0  # logged so far by this process
+    data_advised: bool = False  # the slow-data advice was given
 
     @classmethod
     def zeros(cls, n_outputs: int, device: torch.device) -> Meters:
@@ -60,9 +63,20 @@ class Meters:
         self.skip_longest.copy_(self.skip_run)
         self.count = 0
         self.tic = time.perf_counter()
+        self.data_wait = 0.0
+        self.intervals += 1
 
 
-def train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
+def timed(batches: Iterator, meters: Meters) -> Iterator:
+    """``batches``, adding the time spent waiting for each to ``meters.data_wait``."""
+    while True:
+        tic = time.perf_counter()
+        batch = next(batches)
+        meters.data_wait += time.perf_counter() - tic
+        yield batch
+
+
+def train_loop(state: RunState, pipeline: TrainPipeline, criterion: nn.Module,
                dist_info: distributed.DistInfo, val_set=None,
                events: EventLog | None = None) -> dict[str, Any]:
     """Iterate from ``state.iteration`` to ``cfg.max_iter``; returns the loop's summary."""
@@ -72,19 +86,19 @@ def train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
     start_time, validation_seconds = time.perf_counter(), 0.0
     meters = Meters.zeros(len(state.model.output_names), dist_info.device)
     state.net.train()
-    batches = iter(loader)
+    batches = timed(iter(pipeline.loader), meters)
     # with a progress bar, log lines are printed above it
     with StopRequest() as stop, logging_redirect_tqdm() if bar is not None else nullcontext():
         while state.iteration < cfg.max_iter:
             # Randomness inside the model (dropout) depends only on (seed, rank, iteration), so
             # that a resumed run continues exactly as an uninterrupted one would have.
             torch.manual_seed(iteration_seed(cfg.seed, dist_info.rank, state.iteration))
-            train_step(state, batches, criterion, meters, dist_info.device)
+            train_step(state, batches, criterion, meters, pipeline)
             it = state.iteration
             if bar is not None:
                 bar.update(1)
             if it % cfg.log_every == 0 or it == cfg.max_iter:
-                log_interval(state, meters, dist_info, events, bar)
+                log_interval(state, meters, pipeline, dist_info, events, bar)
             if val_set is not None and cfg.eval_every and it % cfg.eval_every == 0:
                 with without_cudnn_autotuning():
                     seconds = validate(state, val_set, dist_info, events)
@@ -109,16 +123,16 @@ def train_loop(state: RunState, loader: DataLoader, criterion: nn.Module,
 
 
 def train_step(state: RunState, batches: Iterator, criterion: nn.Module, meters: Meters,
-               device: torch.device) -> None:
+               pipeline: TrainPipeline) -> None:
     """One iteration: forward and backward of its batch (in ``--accumulate`` micro-batches, the
     gradients all-reduced once), optimizer and schedule step, EMA; adds the losses to ``meters``
     without synchronising with the device."""
-    cfg, scaler = state.cfg, state.scaler
+    cfg, scaler, device = state.cfg, state.scaler, pipeline.device
     channels_last = use_channels_last(cfg.channels_last, device)
 
     def to_device(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (to_memory_format(images.to(device, non_blocking=True), channels_last),
-                labels.to(device, non_blocking=True))
+        images, labels = pipeline.to_device(images, labels)
+        return to_memory_format(images, channels_last), labels
 
     state.optimizer.zero_grad(set_to_none=True)
     loss, losses = accumulated_step(state.net, criterion, batches, cfg.accumulate,
@@ -141,18 +155,23 @@ def train_step(state: RunState, batches: Iterator, criterion: nn.Module, meters:
     meters.count += 1
 
 
-def log_interval(state: RunState, meters: Meters, dist_info: distributed.DistInfo,
-                 events: EventLog, bar: Any) -> None:
+def log_interval(state: RunState, meters: Meters, pipeline: TrainPipeline,
+                 dist_info: distributed.DistInfo, events: EventLog, bar: Any) -> None:
     """Check for divergence, then log the interval's means (rank 0) and start a new interval."""
     if dist_info.device.type == "cuda":
         torch.cuda.synchronize(dist_info.device)
     elapsed = time.perf_counter() - meters.tic
     check_meters(state, meters)
+    waited = meters.data_wait / max(elapsed, 1e-9)
     if dist_info.is_main:
-        means = log_progress(state, meters, elapsed)
-        record_progress(state, events, means, meters.count, elapsed)
+        means = log_progress(state, meters, elapsed, waited)
+        record_progress(state, events, means, meters.count, elapsed, waited)
         if bar is not None:
             bar.set_postfix(loss=f"{means[0]:.4f}", refresh=False)
+        # once, and not from the first interval (it includes starting the workers)
+        if waited > SLOW_DATA_FRACTION and meters.intervals and not meters.data_advised:
+            logger.warning("%s", pipeline.advice(waited))
+            meters.data_advised = True
     meters.reset()
 
 
@@ -165,8 +184,10 @@ def iteration_seed(seed: int, rank: int, iteration: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + iteration) % (2**63)
 
 
-def log_progress(state: RunState, meters: Meters, elapsed: float) -> list[float]:
-    """Log the means of the interval's iterations; returns them (total, then per head)."""
+def log_progress(state: RunState, meters: Meters, elapsed: float, data_wait: float
+                 ) -> list[float]:
+    """Log the means of the interval's iterations; returns them (total, then per head).
+    ``data_wait``: the fraction of ``elapsed`` the loop spent waiting for the next batch."""
     cfg, it, count = state.cfg, state.iteration, max(meters.count, 1)
     means = (meters.sums / count).tolist()
     per_head = " ".join(f"{n}={v:.4f}"
@@ -174,20 +195,20 @@ def log_progress(state: RunState, meters: Meters, elapsed: float) -> list[float]
     sec_per_it = elapsed / count
     eta = sec_per_it * (cfg.max_iter - it)
     logger.info(
-        "iter %d/%d | lr %.6g | samples %d | loss %.4f (%s) | %.3f s/it | eta %s",
+        "iter %d/%d | lr %.6g | samples %d | loss %.4f (%s) | %.3f s/it | data %.0f%% | eta %s",
         it, cfg.max_iter, base_lr(state.optimizer), it * cfg.batch_size, means[0],
-        per_head, sec_per_it,
+        per_head, sec_per_it, 100 * data_wait,
         time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.1f} h",
     )
     return means
 
 
 def record_progress(state: RunState, events: EventLog, means: list[float], count: int,
-                     elapsed: float) -> None:
+                    elapsed: float, data_wait: float = 0.0) -> None:
     """The logged values into the history (curves.png) and TensorBoard; already on the host."""
     it, lr = state.iteration, base_lr(state.optimizer)
     state.history.add_training(it, means[0], lr)
-    values = {"train/loss": means[0], "train/lr": lr,
+    values = {"train/loss": means[0], "train/lr": lr, "train/data_wait": data_wait,
               "train/images_per_s": count * state.cfg.batch_size / max(elapsed, 1e-9)}
     values.update({f"train/loss_{name}": v
                    for name, v in zip(state.model.output_names, means[1:], strict=True)})

@@ -141,7 +141,7 @@ FREE_FIELDS = (
     "output_dir", "runs_dir", "log_every", "checkpoint_every", "keep_checkpoints", "resume",
     "finetune_from", "check_data", "eval_at_end", "eval_modes", "eval_scales", "eval_crop_size",
     "eval_short_side", "eval_every", "tensorboard", "ema_decay", "channels_last", "compile",
-    "compile_mode", "accumulate",
+    "compile_mode", "accumulate", "data_cache", "device_normalise",
 )
 _PATH_FIELDS = ("data_root", "train_list", "label_map")
 

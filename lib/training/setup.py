@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from lib.common import distributed
 from lib.common.log import interactive
@@ -23,7 +22,6 @@ from lib.data.dataset import (
     build_dataset,
     dataset_info,
     prepare_dataset,
-    worker_init,
 )
 from lib.data.sampler import InfiniteShardedSampler
 from lib.models.checkpoint import (
@@ -37,6 +35,7 @@ from lib.models.zoo import build_model
 from lib.training.config import TrainConfig
 from lib.training.ema import WeightEma
 from lib.training.optim import build_optimizer
+from lib.training.pipeline import TrainPipeline, build_train_loader
 from lib.training.runs import (
     RunFinished,
     RunPlan,
@@ -205,16 +204,13 @@ def build_state(cfg: TrainConfig, dist_info: distributed.DistInfo, run_dir: Path
 
 
 def build_loader(cfg: TrainConfig, train_set: SegmentationDataset,
-                 dist_info: distributed.DistInfo, start_iter: int) -> DataLoader:
-    """This rank's share of every global batch, from iteration ``start_iter`` on."""
+                 dist_info: distributed.DistInfo, start_iter: int) -> TrainPipeline:
+    """This rank's share of every global batch, from iteration ``start_iter`` on: the loader
+    (decoded cache, workers, prefetch) and how its batches reach the device."""
     world = dist_info.world_size
     sampler = InfiniteShardedSampler(len(train_set), cfg.batch_size, dist_info.rank, world,
                                      seed=cfg.seed, start_iter=start_iter)
-    return DataLoader(
-        train_set, batch_size=cfg.batch_size // world // cfg.accumulate, sampler=sampler,
-        num_workers=cfg.num_workers, pin_memory=dist_info.device.type == "cuda", drop_last=True,
-        worker_init_fn=worker_init, persistent_workers=cfg.num_workers > 0,
-    )
+    return build_train_loader(cfg, train_set, sampler, dist_info.device, world)
 
 
 def log_start(cfg: TrainConfig, dist_info: distributed.DistInfo, run_dir: Path) -> None:

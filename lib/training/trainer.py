@@ -69,13 +69,13 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
     train_set = training_set(cfg, dist_info)
     state = build_state(cfg, dist_info, plan.run_dir, resume, changes)
     del resume  # the checkpoint's tensors are in the state now
-    loader = build_loader(cfg, train_set, dist_info, state.iteration)
+    pipeline = build_loader(cfg, train_set, dist_info, state.iteration)
     criterion = OhemCrossEntropy(thresh=cfg.ohem_thresh, ignore_index=cfg.data.ignore_index)
     val_set = build_dataset(cfg.data, "val") if cfg.eval_every else None
     events = EventLog(plan.run_dir if dist_info.is_main and cfg.tensorboard else None,
                       purge_step=state.iteration)
     try:
-        summary = train_loop(state, loader, criterion, dist_info, val_set, events)
+        summary = train_loop(state, pipeline, criterion, dist_info, val_set, events)
         summary.update(finish(state, dist_info, events))
     finally:
         events.close()
