@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,16 @@ class OhemCrossEntropy(nn.Module):
 
     A label that is neither a class index nor ``ignore_index`` raises ``ValueError`` here, not a
     device-side assert later.
+
+    With ``class_weights`` (``--class-weights``) the hard pixels are still selected on the
+    unweighted loss (the probability of the true class, as in the reference), and the loss is
+    the weighted mean of the selected pixels' cross-entropy, ``sum(w_y * ce) / sum(w_y)``: the
+    "mean" reduction of PyTorch's weighted ``cross_entropy`` over the selected pixels.
     """
 
     def __init__(self, thresh: float = 0.7, min_kept_ratio: float = 1 / 16,
-                 ignore_index: int = 255) -> None:
+                 ignore_index: int = 255,
+                 class_weights: Sequence[float] | torch.Tensor | None = None) -> None:
         super().__init__()
         if not 0 < thresh < 1:
             raise ValueError(f"OHEM threshold must be in (0, 1), got {thresh}")
@@ -33,6 +40,13 @@ class OhemCrossEntropy(nn.Module):
         self.loss_thresh = -math.log(thresh)
         self.min_kept_ratio = min_kept_ratio
         self.ignore_index = ignore_index
+        weights = None
+        if class_weights is not None:
+            weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
+            if not (torch.isfinite(weights).all() and (weights > 0).all()):
+                raise ValueError(f"class weights must be finite and positive, got "
+                                 f"{weights.tolist()}")
+        self.register_buffer("class_weights", weights)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
@@ -54,7 +68,14 @@ class OhemCrossEntropy(nn.Module):
             return losses.sum() * 0.0  # keeps the graph: zero gradients, not NaN
         n_min = max(1, int(n_valid * self.min_kept_ratio))
         hard = losses > self.loss_thresh  # ignored pixels have loss 0, so they are never hard
-        if int(hard.sum()) >= n_min:
+        if int(hard.sum()) < n_min:
+            # Too few hard pixels: the n_min largest losses. Only now is a (partial) sort needed.
+            hard = losses.topk(n_min, sorted=False).indices
+        if self.class_weights is None:
             return losses[hard].mean()
-        # Too few hard pixels: the n_min largest losses. Only now is a (partial) sort needed.
-        return losses.topk(n_min, sorted=False).values.mean()
+        if self.class_weights.numel() != n_classes:
+            raise ValueError(f"{self.class_weights.numel()} class weights for {n_classes} "
+                             "classes")
+        weights = self.class_weights.to(logits.device)[labels.long().clamp(0, n_classes - 1)]
+        weights = torch.where(valid, weights, 0.0).flatten()[hard]  # ignored pixels weigh 0
+        return (weights * losses[hard]).sum() / weights.sum().clamp_min(1e-12)

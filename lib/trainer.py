@@ -36,11 +36,13 @@ from lib.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from lib.class_weights import check_resumed_class_weights, class_weights_for_run
 from lib.config import TrainConfig
+from lib.curves import write_training_curves
 from lib.data import DatasetInfo, build_dataset, dataset_info, prepare_dataset, worker_init
 from lib.deploy import to_inference_form
 from lib.ema import WeightEma
-from lib.evaluator import evaluate, format_iou_table, iou_from_confusion
+from lib.evaluator import evaluate, format_iou_table, segmentation_metrics
 from lib.inference import save_example_prediction
 from lib.logger import setup_logging
 from lib.loss import OhemCrossEntropy
@@ -54,7 +56,6 @@ from lib.sampler import InfiniteShardedSampler
 from lib.sync_batchnorm import convert_sync_batchnorm
 from lib.train_step import compile_for_training, step_losses, to_memory_format, use_channels_last
 from lib.validation import BestModel, validate
-from lib.visualize import training_curves, write_rgb
 
 logger = logging.getLogger("bisenet")
 
@@ -176,6 +177,7 @@ class RunState:
     ema: WeightEma | None = None  # --ema-decay
     best: BestModel = field(default_factory=BestModel)  # --eval-every
     history: TrainingHistory = field(default_factory=TrainingHistory)  # behind curves.png
+    class_weights: tuple[float, ...] | None = None  # --class-weights, resolved
 
     @property
     def net(self) -> nn.Module:
@@ -189,6 +191,9 @@ class RunState:
                                       self.optimizer, self.scheduler, self.scaler)
         checkpoint["best"] = self.best.as_dict()
         checkpoint["history"] = self.history.as_dict()
+        # the resolved weights (the config holds only 'auto' or the file): compared on resume
+        checkpoint["class_weights"] = (None if self.class_weights is None
+                                       else list(self.class_weights))
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         return checkpoint
@@ -405,12 +410,16 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
                               progress=dist_info.is_main and interactive())
     if dist_info.is_main:
         logger.info("training set: %d images from %s", len(train_set), cfg.data_root)
+    class_weights = class_weights_for_run(cfg, dist_info.is_main, info.class_names)
+    if resume is not None:  # checkpoints older than --class-weights had none
+        check_resumed_class_weights(resume[1].get("class_weights"), class_weights, resume[0])
 
     model = build_train_model(cfg, dist_info, init_weights=resume is None)
     optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.head_lr_mult)
     use_scaler = cfg.fp16 and device.type == "cuda"
     state = RunState(cfg, info, out_dir, model, optimizer, make_scheduler(optimizer, cfg),
-                     torch.amp.GradScaler(device.type, enabled=use_scaler))
+                     torch.amp.GradScaler(device.type, enabled=use_scaler),
+                     class_weights=class_weights)
     if cfg.ema_decay:
         state.ema = WeightEma(model, cfg.ema_decay)
     if resume is not None:
@@ -444,7 +453,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=True,
         worker_init_fn=worker_init, persistent_workers=cfg.num_workers > 0,
     )
-    criterion = OhemCrossEntropy(thresh=cfg.ohem_thresh, ignore_index=cfg.ignore_index)
+    criterion = OhemCrossEntropy(thresh=cfg.ohem_thresh, ignore_index=cfg.ignore_index,
+                                 class_weights=class_weights).to(device)
 
     val_set = build_dataset(cfg, "val", train=False) if cfg.eval_every else None
     events = EventLog(out_dir if dist_info.is_main and cfg.tensorboard else None,
@@ -473,11 +483,19 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
     return summary
 
 
-def write_curves(state: RunState, path: Path) -> Path:
-    """``curves.png``: loss, learning rate and validation mIoU over the iterations logged."""
+def write_curves(state: RunState, path: Path) -> Path | None:
+    """``curves.png``: loss, learning rate and validation mIoU over the iterations logged
+    (matplotlib; without it, skipped with one log line saying so)."""
     h = state.history
-    write_rgb(path, training_curves(h.iterations, h.loss, h.lr, h.val_iterations, h.val_miou,
-                                    state.cfg.max_iter))
+    try:
+        write_training_curves(path, h.iterations, h.loss, h.lr, h.val_iterations, h.val_miou,
+                              state.cfg.max_iter)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "matplotlib":
+            raise
+        logger.info("%s skipped: matplotlib cannot be imported (%s); pip install matplotlib "
+                    "to get it (the same values are in TensorBoard and the log)", path.name, exc)
+        return None
     logger.info("training curves written to %s", path)
     return path
 
@@ -663,10 +681,12 @@ def _evaluate_at_end(cfg, dist_info, out_dir, info, model, ema: WeightEma | None
             continue
         logger.info("validation%s (%d images; %s):\n%s", " of the EMA weights" if suffix else "",
                     len(val_set), options.describe(), format_iou_table(results, info.class_names))
-        mious = {f"{mode}{suffix}": iou_from_confusion(conf)[1] for mode, conf in results.items()}
-        summary.update({f"miou_{key}": miou for key, miou in mious.items()})
+        scores = {f"{mode}{suffix}": segmentation_metrics(conf) for mode, conf in results.items()}
+        summary.update({f"miou_{key}": m.miou for key, m in scores.items()})
         if events is not None:
-            events.scalars(cfg.max_iter, {f"final/mIoU_{key}": 100 * m for key, m in mious.items()})
+            events.scalars(cfg.max_iter, {f"final/{name}_{key}": 100 * value
+                                          for key, m in scores.items()
+                                          for name, value in m.summary().items()})
         if not suffix:
             example = save_example_prediction(inference_model, val_set, 0,
                                               out_dir / "example_prediction.png", info.palette,
