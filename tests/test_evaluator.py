@@ -407,8 +407,11 @@ def test_published_format_state_dict_through_the_evaluate_command(name, tmp_path
     assert done.returncode == 0, done.stderr
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
             if line.startswith("|")]
-    assert rows[0] == ["class", "ss", "ssc", "msf", "mscf"]
-    printed = dict(zip(rows[0][1:], rows[-1][1:], strict=True))
+    # IoU columns of the modes, then their F1 columns (tests/test_metrics.py)
+    assert rows[0] == ["class", "ss", "ssc", "msf", "mscf", "F1 ss", "F1 ssc", "F1 msf",
+                       "F1 mscf"]
+    miou_row = next(row for row in rows if row[0] == "mIoU")
+    printed = dict(zip(rows[0][1:5], miou_row[1:5], strict=True))
 
     model = build_model(name, 19)
     model.load_state_dict(state)

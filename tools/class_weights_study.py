@@ -27,7 +27,7 @@ from lib.checkpoint import load_model  # noqa: E402
 from lib.config import TrainConfig, parse_config  # noqa: E402
 from lib.data import build_dataset  # noqa: E402
 from lib.deploy import to_inference_form  # noqa: E402
-from lib.evaluator import EvalOptions, evaluate, iou_from_confusion  # noqa: E402
+from lib.evaluator import EvalOptions, evaluate, segmentation_metrics  # noqa: E402
 from lib.imbalanced_toy import IMBALANCED_CLASSES, write_imbalanced_toy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,10 +58,11 @@ def main(argv=None) -> None:
         model = to_inference_form(load_model(out / "model_final.pth")[0])
         conf = evaluate(model, val_set, len(IMBALANCED_CLASSES), EvalOptions(modes=("ss",)),
                         device="cpu", progress=False, num_workers=0)["ss"]
-        iou, miou = iou_from_confusion(conf)
-        rows.append([name, *(100 * iou), 100 * miou, f"{seconds:.0f}"])
-        print(tabulate(rows, headers=["run", *IMBALANCED_CLASSES, "mIoU", "s"],
-                       floatfmt=".2f"), flush=True)
+        scores = segmentation_metrics(conf)
+        rows.append([name, *(100 * scores.iou), 100 * scores.miou, 100 * scores.pixel_accuracy,
+                     100 * scores.macro_f1, f"{seconds:.0f}"])
+        print(tabulate(rows, headers=["run", *IMBALANCED_CLASSES, "mIoU", "pixel acc.",
+                                      "macro F1", "s"], floatfmt=".2f"), flush=True)
 
 
 if __name__ == "__main__":
