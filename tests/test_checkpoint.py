@@ -142,9 +142,13 @@ def test_a_checkpoint_written_before_the_packages_resumes_and_evaluates(tmp_path
     assert "max_iter: extending 2 -> 3" in proc.stdout
     final = load_checkpoint(run_dir / "model_final.pth")
     assert final["iteration"] == 3
-    # what the new code writes has the same layout: the same keys, the same config keys
+    # what the new code writes has the same layout: the same keys (then the resolved class
+    # weights), the same config keys plus the options added since
     assert list(final)[:len(layout["top_level"])] == layout["top_level"]
-    assert set(final["config"]) == set(layout["config"])
+    assert list(final)[len(layout["top_level"]):] == ["class_weights", "file"]  # file: by load
+    assert set(final["config"]) - set(layout["config"]) == {
+        "accumulate", "class_weights", "data_cache", "device_normalise"}
+    assert set(layout["config"]) <= set(final["config"])
     proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt",
                            str(run_dir / "checkpoint_iter0000001.pth"), "--device", "cpu",
                            "--num-workers", "0"], cwd=REPO, capture_output=True, text=True,

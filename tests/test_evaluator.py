@@ -271,11 +271,12 @@ def test_format_iou_table_has_a_column_per_mode_and_dashes_for_absent_classes():
                "msf": torch.tensor([[4, 0, 0], [0, 2, 0], [0, 0, 0]])}
     table = format_iou_table(results, ["road", "car", "train"])
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()]
-    assert rows[0] == ["class", "ss", "msf"]
-    assert rows[2] == ["road", "75.00", "100.00"]
-    assert rows[3] == ["car", "66.67", "100.00"]
-    assert rows[4] == ["train", "-", "-"]
-    assert rows[5] == ["mIoU", f"{100 * (0.75 + 2 / 3) / 2:.2f}", "100.00"]
+    # IoU per mode, then F1 (2 TP / (2 TP + FP + FN)) per mode; the other scores: test_metrics
+    assert rows[0] == ["class", "ss", "msf", "F1 ss", "F1 msf"]
+    assert rows[2] == ["road", "75.00", "100.00", f"{100 * 6 / 7:.2f}", "100.00"]
+    assert rows[3] == ["car", "66.67", "100.00", "80.00", "100.00"]
+    assert rows[4] == ["train", "-", "-", "-", "-"]
+    assert rows[5] == ["mIoU", f"{100 * (0.75 + 2 / 3) / 2:.2f}", "100.00", "", ""]
     with pytest.raises(ValueError, match="class names"):
         format_iou_table(results, ["road"])
 
@@ -413,8 +414,11 @@ def test_published_format_state_dict_through_the_evaluate_command(name, tmp_path
     assert done.returncode == 0, done.stderr
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
             if line.startswith("|")]
-    assert rows[0] == ["class", "ss", "ssc", "msf", "mscf"]
-    printed = dict(zip(rows[0][1:], rows[-1][1:], strict=True))
+    # IoU columns of the modes, then their F1 columns (tests/test_metrics.py)
+    assert rows[0] == ["class", "ss", "ssc", "msf", "mscf", "F1 ss", "F1 ssc", "F1 msf",
+                       "F1 mscf"]
+    miou_row = next(row for row in rows if row[0] == "mIoU")
+    printed = dict(zip(rows[0][1:5], miou_row[1:5], strict=True))
 
     model = build_model(name, 19)
     model.load_state_dict(state)

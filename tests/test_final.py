@@ -43,7 +43,7 @@ def test_training_ends_with_the_numbers_evaluate_py_prints(tmp_path):
     )
     assert train.returncode == 0, train.stderr
     trained = _table(train.stdout + train.stderr)
-    assert trained[0] == ["class", "ss", "mscf"]
+    assert trained[0] == ["class", "ss", "mscf", "F1 ss", "F1 mscf"]  # IoU, then F1 columns
 
     saved = load_checkpoint(out / "model_final.pth")["config"]
     assert list(saved["eval_crop_size"]) == [48, 64] and list(saved["eval_scales"]) == [0.75, 1.25]

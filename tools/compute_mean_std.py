@@ -9,21 +9,13 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse
-
-from lib.data.checks import compute_mean_std
+from lib.data.checks import compute_mean_std, dataset_parser
 from lib.data.config import DataConfig
 from lib.data.dataset import dataset_pairs
-from lib.data.datasets import DATASETS
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="cityscapes",
-                        choices=[*DATASETS, "list", "folders"])
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--train-list", default=None)
+    parser = dataset_parser(__doc__)
     parser.add_argument("--split", default="train")
     args = parser.parse_args(argv)
     data = DataConfig(dataset=args.dataset, data_root=args.data_root, train_list=args.train_list)

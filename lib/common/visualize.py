@@ -23,7 +23,8 @@ def colourise(label: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures a person looks at: image | ground truth | prediction with a legend, training curves.
+# Pictures a person looks at: image | ground truth | prediction with a legend (the training
+# curves: lib/common/curves.py).
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _FONT_SCALE = 0.4
@@ -73,71 +74,6 @@ def prediction_panel(image_rgb: np.ndarray, label: np.ndarray, pred: np.ndarray,
     present = np.union1d(np.unique(label), np.unique(pred))
     present = [int(c) for c in present if c != ignore_index and c < len(palette)]
     return np.concatenate([top, legend(present, class_names, palette, top.shape[1])], axis=0)
-
-
-CURVE_SIZE = (200, 640)  # height, width of each of the three plots of curves.png
-_MARGIN = (24, 10, 22, 70)  # top, right, bottom, left: room for the title and the axis labels
-
-
-def plot_area(panel_height: int = CURVE_SIZE[0], panel_width: int = CURVE_SIZE[1]
-              ) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) pixel bounds of the data inside one plot."""
-    top, right, bottom, left = _MARGIN
-    return top, panel_height - bottom, left, panel_width - right
-
-
-def line_plot(title: str, xs: Sequence[float], ys: Sequence[float], x_range: tuple[float, float],
-              colour: tuple[int, int, int], log_y: bool = False) -> np.ndarray:
-    """One plot of ``ys`` against ``xs`` (RGB, CURVE_SIZE): a polyline with its value range."""
-    height, width = CURVE_SIZE
-    panel = np.full((height, width, 3), 255, np.uint8)
-    y0, y1, x0, x1 = plot_area()
-    cv2.rectangle(panel, (x0, y0), (x1, y1), (160, 160, 160), 1)
-    cv2.putText(panel, title, (x0, 16), _FONT, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    points = [(x, y) for x, y in zip(xs, ys, strict=True) if np.isfinite(y)
-              and (y > 0 or not log_y)]
-    if not points:
-        cv2.putText(panel, "no values", (x0 + 8, (y0 + y1) // 2), _FONT, _FONT_SCALE,
-                    (0, 0, 0), 1, cv2.LINE_AA)
-        return panel
-    x = np.array([p[0] for p in points], np.float64)
-    y = np.array([p[1] for p in points], np.float64)
-    shown = np.log10(y) if log_y else y
-    low, high = float(shown.min()), float(shown.max())
-    span = high - low or 1.0
-    x_span = (x_range[1] - x_range[0]) or 1.0
-    px = x0 + (x - x_range[0]) / x_span * (x1 - x0)
-    py = y1 - (shown - low) / span * (y1 - y0)
-    pts = np.round(np.stack([px, py], 1)).astype(np.int32)
-    cv2.polylines(panel, [pts.reshape(-1, 1, 2)], False, colour, 1, cv2.LINE_AA)
-    for px_, py_ in pts if len(pts) < 30 else ():
-        cv2.circle(panel, (int(px_), int(py_)), 2, colour, -1)
-    for value, row in ((y.max(), y0 + 4), (y.min(), y1)):
-        cv2.putText(panel, f"{value:.3g}", (2, row), _FONT, _FONT_SCALE, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    cv2.putText(panel, "iteration", ((x0 + x1 - _text_width("iteration")) // 2, height - 6),
-                _FONT, _FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
-    for value, col in ((x_range[0], x0), (x_range[1], x1 - _text_width(f"{x_range[1]:g}"))):
-        cv2.putText(panel, f"{value:g}", (col, height - 6), _FONT, _FONT_SCALE, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    return panel
-
-
-CURVE_COLOURS = {"loss": (200, 30, 30), "lr": (30, 90, 200), "miou": (20, 150, 40)}
-
-
-def training_curves(iterations: Sequence[int], loss: Sequence[float], lr: Sequence[float],
-                    val_iterations: Sequence[int], val_miou: Sequence[float],
-                    max_iter: int) -> np.ndarray:
-    """loss, learning rate and validation mIoU (%) against the iteration, stacked (RGB)."""
-    x_range = (0.0, float(max_iter))
-    return np.concatenate([
-        line_plot("training loss (log scale)", iterations, loss, x_range, CURVE_COLOURS["loss"],
-                  log_y=True),
-        line_plot("learning rate", iterations, lr, x_range, CURVE_COLOURS["lr"]),
-        line_plot("validation mIoU (%)", val_iterations, [100 * v for v in val_miou], x_range,
-                  CURVE_COLOURS["miou"]),
-    ], axis=0)
 
 
 def write_rgb(path, image_rgb: np.ndarray) -> None:

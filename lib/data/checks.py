@@ -10,6 +10,7 @@ and only the header of every image; ``tools/check_dataset.py`` also decodes the 
 
 from __future__ import annotations
 
+import argparse
 import struct
 from collections import Counter
 from collections.abc import Sequence
@@ -204,6 +205,18 @@ def format_report(report: DatasetReport, class_names: Sequence[str], ignore_inde
     lines.append(f"{len(report.problems)} problem(s)" + (":" if report.problems else ""))
     lines.extend(f"  {p}" for p in report.problems)
     return "\n".join(lines)
+
+
+def dataset_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of the tools that read a dataset's training split: --dataset,
+    --data-root, --train-list."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="cityscapes",
+                        choices=[*DATASETS, "list", "folders"])
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--train-list", default=None)
+    return parser
 
 
 def compute_mean_std(image_paths: Sequence[Path], progress: bool = False

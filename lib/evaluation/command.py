@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,9 +29,10 @@ from lib.evaluation.evaluator import (
     MODES,
     EvalOptions,
     PredictionWriter,
+    SegmentationMetrics,
     evaluate,
     format_iou_table,
-    iou_from_confusion,
+    segmentation_metrics,
 )
 from lib.models.checkpoint import CheckpointError, default_checkpoint, load_model
 from lib.models.published import NAMES_HELP
@@ -68,6 +70,10 @@ def build_parser(default_ckpt: str, model_name: str | None) -> argparse.Argument
                              "ids)")
     parser.add_argument("--save-colour", action="store_true",
                         help="with --save-pred, also write colourised predictions")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the scores of each mode to FILE: mIoU, frequency-"
+                             "weighted IoU, pixel accuracy, macro and micro F1, per-class IoU "
+                             "and F1")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--runtime", choices=RUNTIME_NAMES, default="torch",
                         help="torch (default: the numbers training prints, to the pixel), "
@@ -224,9 +230,28 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
     if dist_info.is_main:
         if labelled:
             print(format_iou_table(results, info.class_names))
-            summary = {mode: iou_from_confusion(conf)[1] for mode, conf in results.items()}
+            metrics = {mode: segmentation_metrics(conf) for mode, conf in results.items()}
+            summary = {mode: m.miou for mode, m in metrics.items()}
+            if args.json:
+                write_scores(args.json, metrics, info.class_names, meta["file"], args.split,
+                             options)
         else:
             logger.info("split %s has no labels: predictions only", args.split)
         if args.save_pred:
             logger.info("predictions written to %s", Path(args.save_pred).resolve())
     return summary
+
+
+def write_scores(path: str | Path, metrics: Mapping[str, SegmentationMetrics],
+                 class_names: Sequence[str], checkpoint: str, split: str,
+                 options: EvalOptions) -> Path:
+    """The ``--json`` file: what was evaluated, and every score of each mode (fractions in
+    [0, 1]; null for a class absent from both the labels and the predictions)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "checkpoint": checkpoint, "split": split, "protocol": options.describe(),
+        "modes": {mode: m.as_dict(class_names) for mode, m in metrics.items()},
+    }, indent=1) + "\n")
+    logger.info("scores written to %s", path)
+    return path

@@ -153,6 +153,71 @@ def iou_from_confusion(conf: torch.Tensor | np.ndarray) -> tuple[np.ndarray, flo
     return iou, float(iou[present].mean()) if present.any() else float("nan")
 
 
+@dataclass(frozen=True)
+class SegmentationMetrics:
+    """The scores the reference implementation prints, from one confusion matrix.
+
+    * ``iou`` / ``miou``: see :func:`iou_from_confusion`;
+    * ``f1`` (dice) per class: ``2 TP / (2 TP + FP + FN)``, NaN for a class absent from both the
+      ground truth and the predictions, which ``macro_f1`` (their mean) leaves out, as the mIoU
+      does;
+    * ``micro_f1``: ``2 sum(TP) / (2 sum(TP) + sum(FP) + sum(FN))`` over all classes; every
+      wrong pixel is one false positive and one false negative, so it equals the pixel accuracy;
+    * ``pixel_accuracy``: correct pixels / labelled pixels;
+    * ``fw_iou``: the IoUs weighted by each class's share of the labelled pixels (classes without
+      a ground-truth pixel weigh nothing).
+
+    Everything is NaN only for an empty matrix.
+    """
+
+    iou: np.ndarray
+    miou: float
+    f1: np.ndarray
+    macro_f1: float
+    micro_f1: float
+    pixel_accuracy: float
+    fw_iou: float
+
+    def summary(self) -> dict[str, float]:
+        """The single numbers, by name."""
+        return {"mIoU": self.miou, "fwIoU": self.fw_iou, "pixel_accuracy": self.pixel_accuracy,
+                "macro_F1": self.macro_f1, "micro_F1": self.micro_f1}
+
+    def as_dict(self, class_names: Sequence[str]) -> dict:
+        """JSON-ready: the single numbers and the per-class IoU and F1 by class name (None for
+        a class without a score)."""
+        def plain(value: float) -> float | None:
+            return None if np.isnan(value) else float(value)
+
+        return {**{k: plain(v) for k, v in self.summary().items()},
+                "iou": {n: plain(v) for n, v in zip(class_names, self.iou, strict=True)},
+                "f1": {n: plain(v) for n, v in zip(class_names, self.f1, strict=True)}}
+
+
+def segmentation_metrics(conf: torch.Tensor | np.ndarray) -> SegmentationMetrics:
+    """Every score of :class:`SegmentationMetrics` from a [C, C] confusion matrix (rows: ground
+    truth, columns: prediction)."""
+    iou, miou = iou_from_confusion(conf)
+    conf = conf.double().cpu().numpy() if isinstance(conf, torch.Tensor) else np.asarray(
+        conf, np.float64)
+    true_pos, truth, predicted = np.diag(conf), conf.sum(1), conf.sum(0)
+    total = conf.sum()
+    f1 = np.full(len(conf), np.nan)
+    np.divide(2 * true_pos, truth + predicted, out=f1, where=truth + predicted > 0)
+    present = ~np.isnan(f1)
+    if total == 0:
+        return SegmentationMetrics(iou, miou, f1, *(float("nan"),) * 4)
+    errors = total - true_pos.sum()  # each one a false positive and a false negative
+    seen = truth > 0
+    return SegmentationMetrics(
+        iou=iou, miou=miou, f1=f1,
+        macro_f1=float(f1[present].mean()),
+        micro_f1=float(2 * true_pos.sum() / (2 * true_pos.sum() + 2 * errors)),
+        pixel_accuracy=float(true_pos.sum() / total),
+        fw_iou=float((truth[seen] / total * iou[seen]).sum()),
+    )
+
+
 def start_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
     """The size an image is resized to before any scale: its short side set to ``short_side``."""
     if short_side is None:
@@ -422,21 +487,30 @@ def prediction_path(image_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def format_iou_table(results: dict[str, torch.Tensor], class_names: Sequence[str]) -> str:
-    """Per-class IoU (%) with one column per mode and a last mIoU row; '-' for a class absent from
-    both the ground truth and the predictions."""
+    """Per-class IoU (%) with one column per mode, then per-class F1 (dice, %) per mode, and a
+    last mIoU row ('-' for a class absent from both the ground truth and the predictions),
+    followed by a table of the single numbers of each mode (:class:`SegmentationMetrics`)."""
     from tabulate import tabulate
 
-    columns = {mode: iou_from_confusion(conf) for mode, conf in results.items()}
-    for mode, (iou, _) in columns.items():
-        if len(iou) != len(class_names):
-            raise ValueError(f"{len(class_names)} class names for the {len(iou)} classes of the "
-                             f"{mode!r} confusion matrix")
+    columns = {mode: segmentation_metrics(conf) for mode, conf in results.items()}
+    for mode, metrics in columns.items():
+        if len(metrics.iou) != len(class_names):
+            raise ValueError(f"{len(class_names)} class names for the {len(metrics.iou)} classes "
+                             f"of the {mode!r} confusion matrix")
 
     def cell(value: float) -> str:
         return "-" if np.isnan(value) else f"{100 * value:.2f}"
 
-    rows = [[name] + [cell(iou[i]) for iou, _ in columns.values()]
-            for i, name in enumerate(class_names)]
-    rows.append(["mIoU"] + [cell(miou) for _, miou in columns.values()])
-    return tabulate(rows, headers=["class", *columns], tablefmt="github",
-                    colalign=("left",) + ("right",) * len(columns))
+    rows = [[name] + [cell(m.iou[i]) for m in columns.values()]
+            + [cell(m.f1[i]) for m in columns.values()] for i, name in enumerate(class_names)]
+    rows.append(["mIoU"] + [cell(m.miou) for m in columns.values()] + [""] * len(columns))
+    per_class = tabulate(rows, headers=["class", *columns, *(f"F1 {m}" for m in columns)],
+                         tablefmt="github", colalign=("left",) + ("right",) * 2 * len(columns),
+                         disable_numparse=True)
+    names = {"mIoU": "mIoU", "fwIoU": "frequency-weighted IoU", "pixel_accuracy":
+             "pixel accuracy", "macro_F1": "macro F1", "micro_F1": "micro F1"}
+    summary = [[label] + [cell(m.summary()[key]) for m in columns.values()]
+               for key, label in names.items()]
+    overall = tabulate(summary, headers=["metric (%)", *columns], tablefmt="github",
+                       colalign=("left",) + ("right",) * len(columns), disable_numparse=True)
+    return f"{per_class}\n\n{overall}"

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -104,7 +106,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               f"of published weights: {known_names()})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle of arbitrary objects, not a torch file ...
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"cannot read checkpoint {path} ({exc}); the file is "
+                                  "truncated, corrupt, or not a PyTorch state dict") from exc
+        raise CheckpointError(refused_pickle_message(path, str(exc))) from None
+    except Exception as exc:  # truncated zip, not a torch file ...
         raise CheckpointError(
             f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); the file is "
             "truncated, corrupt, or not a PyTorch state dict"
@@ -126,6 +133,54 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         obj.update(published=name, dataset=entry.dataset)
     obj["file"] = str(path)
     return obj
+
+
+def refused_pickle_message(path: str | Path, torch_message: str) -> str:
+    """What to tell the user about a file that ``torch.load(weights_only=True)`` refused.
+
+    Such a file is a pickle holding Python objects other than tensors (a whole model, an
+    optimizer of another library, or code to run: unpickling may call any function the file
+    names). It is refused without unpickling anything; the text says how to convert it once,
+    for a file whose source is trusted (tools/convert_checkpoint.py).
+    """
+    found = re.search(r"GLOBAL (\S+)", torch_message)
+    what = f" (it names {found.group(1)})" if found else ""
+    converted = Path(path).with_name(Path(path).stem + "_weights.pth")
+    return (
+        f"{path} holds Python objects other than tensors{what}, or is a plain pickle rather "
+        "than a torch.save() file of tensors; it was refused for safety, because unpickling it "
+        "could run any code the file names. If you trust its source, convert it once into a "
+        "file of tensors only (this does unpickle it):\n"
+        f"  python tools/convert_checkpoint.py --trust {path} {converted}\n"
+        f"and use {converted}"
+    )
+
+
+def convert_trusted_checkpoint(source: str | Path, target: str | Path) -> int:
+    """Unpickle ``source`` **without** the weights-only guard and save its tensors to ``target``.
+
+    Only for a trusted file: unpickling runs whatever the file names. Accepts a torch.save()
+    file (zip or legacy) or a plain pickle of a model, of a ``{"state_dict": ...}`` checkpoint
+    or of a state dict; writes the state dict's tensors (non-tensor entries dropped) as a bare
+    state dict. Returns the number of tensors written.
+    """
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=False)
+    except (RuntimeError, pickle.UnpicklingError):  # a plain pickle: no torch magic number
+        with open(source, "rb") as f:
+            obj = pickle.load(f)  # noqa: S301 - the caller vouched for the file
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, neither a model nor a "
+                              "state dict")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{source} holds no tensors")
+    save_checkpoint(target, tensors)
+    return len(tensors)
 
 
 def _fill_dataset_metadata(checkpoint: dict[str, Any], n_classes: int) -> None:

@@ -56,6 +56,10 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.1, "learning rate at the first iteration, as a fraction of --lr")
     poly_power: float = _opt(0.9, "power of the poly decay")
     ohem_thresh: float = _opt(0.7, "OHEM: keep pixels whose probability of the truth is below this")
+    class_weights: str | None = _opt(
+        None, "per-class loss weights for imbalanced data: 'auto' (ENet's 1/ln(1.02 + p) of each "
+        "class's pixel frequency p in the training labels, computed at start) or a file written "
+        "by tools/compute_class_weights.py (default: none, every class weighs 1)")
     aux_weight: float = _opt(1.0, "weight of each auxiliary (booster) loss")
     fp16: bool = _opt(False, "mixed precision: fp16 autocast + GradScaler on CUDA, bf16 on CPU")
     sync_bn: bool = _opt(True, "synchronised BatchNorm when training with several processes")

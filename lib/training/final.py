@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from lib.common import distributed
+from lib.common.curves import write_training_curves
 from lib.common.log import interactive
-from lib.common.visualize import training_curves, write_rgb
 from lib.data.dataset import build_dataset
 from lib.deployment.examples import save_example_prediction
 from lib.deployment.inference import to_inference_form
-from lib.evaluation.evaluator import evaluate, format_iou_table, iou_from_confusion
+from lib.evaluation.evaluator import evaluate, format_iou_table, segmentation_metrics
 from lib.models.checkpoint import save_checkpoint
 from lib.training.monitor import EventLog
 from lib.training.runs import FINAL_NAME
@@ -54,11 +54,19 @@ def save_final(state: RunState, final_path: Path) -> None:
     write_curves(state, state.run_dir / CURVES_NAME)
 
 
-def write_curves(state: RunState, path: Path) -> Path:
-    """``curves.png``: loss, learning rate and validation mIoU over the iterations logged."""
+def write_curves(state: RunState, path: Path) -> Path | None:
+    """``curves.png``: loss, learning rate and validation mIoU over the iterations logged
+    (matplotlib; without it, skipped with one log line saying so)."""
     h = state.history
-    write_rgb(path, training_curves(h.iterations, h.loss, h.lr, h.val_iterations, h.val_miou,
-                                    state.cfg.max_iter))
+    try:
+        write_training_curves(path, h.iterations, h.loss, h.lr, h.val_iterations, h.val_miou,
+                              state.cfg.max_iter)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "matplotlib":
+            raise
+        logger.info("%s skipped: matplotlib cannot be imported (%s); pip install matplotlib "
+                    "to get it (the same values are in TensorBoard and the log)", path.name, exc)
+        return None
     logger.info("training curves written to %s", path)
     return path
 
@@ -82,10 +90,12 @@ def evaluate_at_end(state: RunState, dist_info: distributed.DistInfo,
             continue
         logger.info("validation%s (%d images; %s):\n%s", " of the EMA weights" if suffix else "",
                     len(val_set), options.describe(), format_iou_table(results, info.class_names))
-        mious = {f"{mode}{suffix}": iou_from_confusion(conf)[1] for mode, conf in results.items()}
-        summary.update({f"miou_{key}": miou for key, miou in mious.items()})
+        scores = {f"{mode}{suffix}": segmentation_metrics(conf) for mode, conf in results.items()}
+        summary.update({f"miou_{key}": m.miou for key, m in scores.items()})
         if events is not None:
-            events.scalars(cfg.max_iter, {f"final/mIoU_{key}": 100 * m for key, m in mious.items()})
+            events.scalars(cfg.max_iter, {f"final/{name}_{key}": 100 * value
+                                          for key, m in scores.items()
+                                          for name, value in m.summary().items()})
         if not suffix:
             example = save_example_prediction(inference_model, val_set, 0,
                                               state.run_dir / "example_prediction.png",

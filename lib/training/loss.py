@@ -21,10 +21,16 @@ class OhemCrossEntropy(nn.Module):
 
     A label that is neither a class index nor ``ignore_index`` raises ``ValueError`` here, not a
     device-side assert later.
+
+    With ``class_weights`` (``--class-weights``) the hard pixels are still selected on the
+    unweighted loss (the probability of the true class, as in the reference), and the loss is
+    the weighted mean of the selected pixels' cross-entropy, ``sum(w_y * ce) / sum(w_y)``: the
+    "mean" reduction of PyTorch's weighted ``cross_entropy`` over the selected pixels.
     """
 
     def __init__(self, thresh: float = 0.7, min_kept_ratio: float = 1 / 16,
-                 ignore_index: int = 255) -> None:
+                 ignore_index: int = 255,
+                 class_weights: Sequence[float] | torch.Tensor | None = None) -> None:
         super().__init__()
         if not 0 < thresh < 1:
             raise ValueError(f"OHEM threshold must be in (0, 1), got {thresh}")
@@ -34,6 +40,13 @@ class OhemCrossEntropy(nn.Module):
         self.loss_thresh = -math.log(thresh)
         self.min_kept_ratio = min_kept_ratio
         self.ignore_index = ignore_index
+        weights = None
+        if class_weights is not None:
+            weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
+            if not (torch.isfinite(weights).all() and (weights > 0).all()):
+                raise ValueError(f"class weights must be finite and positive, got "
+                                 f"{weights.tolist()}")
+        self.register_buffer("class_weights", weights)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.output_losses([logits], labels)[0]
@@ -73,13 +86,30 @@ class OhemCrossEntropy(nn.Module):
         if n_valid == 0:  # keeps the graph: zero gradients, not NaN
             return torch.stack([losses.sum() * 0.0 for losses in pixel_losses])
         n_min = max(1, int(n_valid * self.min_kept_ratio))
+        weights = self._pixel_weights(checked, valid, n_classes)
         kept = []
         for losses, is_hard, count in zip(pixel_losses, hard, n_hard, strict=True):
-            if count >= n_min:
+            if count < n_min:  # too few hard pixels: the n_min largest losses (a partial sort)
+                is_hard = torch.zeros_like(is_hard).scatter_(
+                    0, losses.topk(n_min, sorted=False).indices, True)
+                count = n_min
+            if weights is None:
                 kept.append(torch.where(is_hard, losses, 0.0).sum() / count)
-            else:  # too few hard pixels: the n_min largest losses (a partial sort, only now)
-                kept.append(losses.topk(n_min, sorted=False).values.mean())
+            else:  # ignored pixels weigh 0
+                selected = torch.where(is_hard, weights, 0.0)
+                kept.append((selected * losses).sum() / selected.sum().clamp_min(1e-12))
         return torch.stack(kept)
+
+    def _pixel_weights(self, labels: torch.Tensor, valid: torch.Tensor, n_classes: int
+                       ) -> torch.Tensor | None:
+        """Each pixel's class weight, flattened (0 where ignored), or None without weights."""
+        if self.class_weights is None:
+            return None
+        if self.class_weights.numel() != n_classes:
+            raise ValueError(f"{self.class_weights.numel()} class weights for {n_classes} "
+                             "classes")
+        weights = self.class_weights.to(labels.device)[labels.clamp(0, n_classes - 1)]
+        return torch.where(valid, weights, 0.0).flatten()
 
     def pixel_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-pixel float32 cross-entropy, flattened; 0 at ignored pixels. ``labels``: int64.

@@ -142,6 +142,9 @@ FREE_FIELDS = (
     "finetune_from", "check_data", "eval_at_end", "eval_modes", "eval_scales", "eval_crop_size",
     "eval_short_side", "eval_every", "tensorboard", "ema_decay", "channels_last", "compile",
     "compile_mode", "accumulate", "data_cache", "device_normalise",
+    # its spelling ('auto' or a file) is free; the weights themselves define the run and are
+    # compared on resume (lib/training/class_weights.py)
+    "class_weights",
 )
 _PATH_FIELDS = ("data_root", "train_list", "label_map")
 

@@ -32,6 +32,7 @@ from lib.models.checkpoint import (
 )
 from lib.models.pretrained import load_pretrained_backbone
 from lib.models.zoo import build_model
+from lib.training.class_weights import check_resumed_class_weights, class_weights_for_run
 from lib.training.config import TrainConfig
 from lib.training.ema import WeightEma
 from lib.training.optim import build_optimizer
@@ -169,9 +170,13 @@ def build_state(cfg: TrainConfig, dist_info: distributed.DistInfo, run_dir: Path
     model = build_train_model(cfg, dist_info, init_weights=resume is None)
     optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.head_lr_mult)
     use_scaler = cfg.fp16 and device.type == "cuda"
-    state = RunState(cfg, dataset_info(cfg.data), run_dir, model, optimizer,
-                     make_scheduler(optimizer, cfg),
-                     torch.amp.GradScaler(device.type, enabled=use_scaler))
+    info = dataset_info(cfg.data)
+    class_weights = class_weights_for_run(cfg, dist_info.is_main, info.class_names)
+    if resume is not None:  # checkpoints older than --class-weights had none
+        check_resumed_class_weights(resume[1].get("class_weights"), class_weights, resume[0])
+    state = RunState(cfg, info, run_dir, model, optimizer, make_scheduler(optimizer, cfg),
+                     torch.amp.GradScaler(device.type, enabled=use_scaler),
+                     class_weights=class_weights)
     if cfg.ema_decay:
         state.ema = WeightEma(model, cfg.ema_decay)
     if resume is not None:

@@ -84,6 +84,7 @@ class RunState:
     ema: WeightEma | None = None  # --ema-decay
     best: BestModel = field(default_factory=BestModel)  # --eval-every
     history: TrainingHistory = field(default_factory=TrainingHistory)  # behind curves.png
+    class_weights: tuple[float, ...] | None = None  # --class-weights, resolved
 
     @property
     def net(self) -> nn.Module:
@@ -99,6 +100,9 @@ class RunState:
         checkpoint["history"] = self.history.as_dict()
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        # the resolved weights (the config holds only 'auto' or the file): compared on resume
+        checkpoint["class_weights"] = (None if self.class_weights is None
+                                       else list(self.class_weights))
         return checkpoint
 
     def model_checkpoint(self, module: nn.Module) -> dict[str, Any]:

@@ -70,7 +70,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, plan: RunPlan) -> 
     state = build_state(cfg, dist_info, plan.run_dir, resume, changes)
     del resume  # the checkpoint's tensors are in the state now
     pipeline = build_loader(cfg, train_set, dist_info, state.iteration)
-    criterion = OhemCrossEntropy(thresh=cfg.ohem_thresh, ignore_index=cfg.data.ignore_index)
+    criterion = OhemCrossEntropy(thresh=cfg.ohem_thresh, ignore_index=cfg.data.ignore_index,
+                                 class_weights=state.class_weights).to(dist_info.device)
     val_set = build_dataset(cfg.data, "val") if cfg.eval_every else None
     events = EventLog(plan.run_dir if dist_info.is_main and cfg.tensorboard else None,
                       purge_step=state.iteration)

@@ -22,7 +22,12 @@ from lib.common import distributed
 from lib.common.log import interactive
 from lib.deployment.examples import example_panel
 from lib.deployment.inference import to_inference_form
-from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
+from lib.evaluation.evaluator import (
+    EvalOptions,
+    SegmentationMetrics,
+    evaluate,
+    segmentation_metrics,
+)
 from lib.models.checkpoint import save_checkpoint
 from lib.training.monitor import EventLog
 
@@ -66,13 +71,15 @@ def validate(state: RunState, val_set, dist_info: distributed.DistInfo,
     cfg, it = state.cfg, state.iteration
     options = EvalOptions(modes=("ss",), short_side=cfg.eval_short_side)
     results: dict[str, tuple[np.ndarray, float]] = {}
+    metrics: dict[str, SegmentationMetrics] = {}
     lean_models = {}
     for name, module in weight_sets(state).items():
         lean = to_inference_form(module)
         conf = evaluate(lean, val_set, cfg.data.n_classes, options, device=dist_info.device,
                         ignore_index=cfg.data.ignore_index,
                         progress=dist_info.is_main and interactive())["ss"]
-        results[name] = iou_from_confusion(conf)
+        metrics[name] = segmentation_metrics(conf)
+        results[name] = (metrics[name].iou, metrics[name].miou)
         lean_models[name] = lean
     # every rank holds the same summed matrices, hence the same verdict
     name, (_, miou) = max(results.items(), key=lambda kv: np.nan_to_num(kv[1][1], nan=-1.0))
@@ -86,26 +93,30 @@ def validate(state: RunState, val_set, dist_info: distributed.DistInfo,
             best.update(best_miou=float(miou), weights=name)
             save_checkpoint(state.run_dir / BEST_NAME, best)
         shown = " | ".join(f"{n} mIoU {100 * m:.2f}%" for n, (_, m) in results.items())
-        logger.info("validation at iteration %d (%d images, ss): %s; best %.2f%% at iteration "
-                    "%d (%s)%s; %.1f s", it, len(val_set), shown, 100 * state.best.miou,
-                    state.best.iteration, state.best.weights,
-                    f"; saved {BEST_NAME}" if improved else "", time.perf_counter() - tic)
-        _write_events(state, events, results, lean_models["raw"], val_set, dist_info)
+        raw = metrics["raw"]
+        logger.info("validation at iteration %d (%d images, ss): %s; raw pixel accuracy "
+                    "%.2f%%, fwIoU %.2f%%, macro F1 %.2f%%, micro F1 %.2f%%; best %.2f%% at "
+                    "iteration %d (%s)%s; %.1f s", it, len(val_set), shown,
+                    100 * raw.pixel_accuracy, 100 * raw.fw_iou, 100 * raw.macro_f1,
+                    100 * raw.micro_f1, 100 * state.best.miou, state.best.iteration,
+                    state.best.weights, f"; saved {BEST_NAME}" if improved else "",
+                    time.perf_counter() - tic)
+        _write_events(state, events, metrics, lean_models["raw"], val_set, dist_info)
     distributed.barrier()
     return time.perf_counter() - tic
 
 
-def _write_events(state: RunState, events: EventLog, results, lean: nn.Module, val_set,
-                  dist_info: distributed.DistInfo) -> None:
+def _write_events(state: RunState, events: EventLog, metrics: dict[str, SegmentationMetrics],
+                  lean: nn.Module, val_set, dist_info: distributed.DistInfo) -> None:
     if not events.enabled:
         return
     it, names = state.iteration, state.info.class_names
-    for weights, (iou, miou) in results.items():
+    for weights, scores in metrics.items():
         prefix = "val" if weights == "raw" else f"val_{weights}"
-        values = {f"{prefix}/mIoU": 100 * miou}
-        values.update({f"{prefix}_iou/{names[c].replace(' ', '_')}": 100 * iou[c]
-                       for c in range(len(iou))
-                       if not np.isnan(iou[c])})
+        values = {f"{prefix}/{key}": 100 * value for key, value in scores.summary().items()}
+        for kind, per_class in (("iou", scores.iou), ("f1", scores.f1)):
+            values.update({f"{prefix}_{kind}/{names[c].replace(' ', '_')}": 100 * per_class[c]
+                           for c in range(len(per_class)) if not np.isnan(per_class[c])})
         events.scalars(it, values)
     events.images(it, {
         f"val/prediction_{i}": example_panel(lean, val_set, i, state.info.palette, names,
