@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.layers import at_least_float32
+
 
 class OhemCrossEntropy(nn.Module):
     """Cross-entropy averaged over the hard pixels only (OHEM, as used to train BiSeNet).
@@ -16,7 +18,8 @@ class OhemCrossEntropy(nn.Module):
     exceeds ``-log(thresh)``). At least ``n_min = max(1, floor(valid * min_kept_ratio))`` of the
     valid (non-ignored) pixels are kept, the hardest ones, so that a well-fitted batch still gives
     a signal. A batch whose pixels are all ignored gives a zero loss that still back-propagates
-    (zero gradients, no NaN). The loss is computed in float32, also under autocast.
+    (zero gradients, no NaN). The loss is computed in float32, also under autocast (in float64
+    for float64 logits).
 
     A label that is neither a class index nor ``ignore_index`` raises ``ValueError`` here, not a
     device-side assert later.
@@ -48,7 +51,7 @@ class OhemCrossEntropy(nn.Module):
             raise ValueError(f"labels {bad} are neither in [0, {n_classes}) nor the ignore index "
                              f"{self.ignore_index}")
         with torch.autocast(logits.device.type, enabled=False):
-            losses = F.cross_entropy(logits.float(), labels.long(),
+            losses = F.cross_entropy(at_least_float32(logits), labels.long(),
                                      ignore_index=self.ignore_index, reduction="none").flatten()
         if n_valid == 0:
             return losses.sum() * 0.0  # keeps the graph: zero gradients, not NaN

@@ -22,6 +22,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
+from lib.layers import at_least_float32
+
 # Device type -> whether channels-last is the default memory format of the training step.
 # Measured with tools/benchmark_train.py (see README, Training): on the CPU the channels-last
 # step was not clearly faster than the contiguous one (1-2% for V1 and V2).
@@ -75,11 +77,15 @@ def step_losses(net: nn.Module, criterion: nn.Module, images: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss and the per-output losses (main output first, then auxiliary heads).
 
-    ``autocast`` wraps the network only; the loss is computed in float32.
+    The images are cast to the network's parameter dtype: a no-op for the float32 models of
+    training runs; a model built in float64 (the 1-vs-2-process test) gets float64 batches.
+    ``autocast`` wraps the network only; the loss is computed in float32 (float64 for a float64
+    model).
     """
+    images = images.to(next(net.parameters()).dtype)
     with autocast or nullcontext():
         outputs = net(images)
-    losses = torch.stack([criterion(out.float(), labels) for out in outputs])
+    losses = torch.stack([criterion(at_least_float32(out), labels) for out in outputs])
     return losses[0] + aux_weight * losses[1:].sum(), losses
 
 
