@@ -391,39 +391,54 @@ def test_published_layout_models_equal_the_reference_in_every_mode(name):
 @pytest.mark.parametrize("name", ["bisenetv1", "bisenetv2"])
 def test_published_format_state_dict_through_the_evaluate_command(name, tmp_path):
     """`python evaluate.py --ckpt <bare state dict> --mode ss ssc msf mscf` on real PNGs prints
-    per mode the mIoU that the reference arithmetic gives on the same files (to 0.01)."""
+    per mode the mIoU that the reference arithmetic gives on the same files (to 0.01, the
+    printed precision).
+
+    Random weights of the published layout saturate the softmax: in BiSeNetV2's crop and
+    multi-scale modes ~1500 pixels have top-2 scores 1 ulp apart (1.0 vs 1 - 6e-8), which float32
+    rounding of another CPU or kernel may swap. Those pixels (within 1e-4 relative of a tie in
+    any mode) are made void in the label PNGs, as in the test above, so the comparison holds on
+    any x86-64 CPU; exact ties (equal saturated scores) are broken by the first index, alike in
+    both."""
     root = generate_toy_cityscapes(tmp_path / "toy", n_train=0, n_val=2, height=90, width=170,
                                    seed=3)
     state = published_layout_state(name, seed=8)
     ckpt = tmp_path / f"model_final_{name}_city.pth"  # a bare state dict, as published
     torch.save(state, ckpt)
+    model = build_model(name, 19)
+    model.load_state_dict(state)
+    model.eval()
+    modes = ("ss", "ssc", "msf", "mscf")
+    mean, std = np.asarray(MEAN), np.asarray(STD)
+    predictions = []
+    for image_path in sorted((root / "leftImg8bit" / "val").rglob("*_leftImg8bit.png")):
+        rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1] / 255.0
+        image = torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1)).float()[None]
+        label_path = str(image_path).replace("leftImg8bit", "gtFine").replace(
+            "gtFine.png", "gtFine_labelIds.png")
+        label_ids = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
+        scores = {mode: reference_scores(model, image, mode, scales=(0.75, 1.25),
+                                         crop=(64, 64))[0] for mode in modes}
+        for mode_scores in scores.values():
+            top2 = mode_scores.topk(2, dim=0).values
+            near_tie = (top2[0] > top2[1]) & (top2[0] - top2[1] < 1e-4 * top2[0].abs())
+            label_ids[near_tie.numpy()] = TRAIN_ID_TO_LABEL_ID[255]
+        cv2.imwrite(label_path, label_ids)
+        predictions.append(({m: s.argmax(0).numpy() for m, s in scores.items()},
+                            LABEL_ID_TO_TRAIN_ID[label_ids]))
     done = subprocess.run(
         [sys.executable, "evaluate.py", "--ckpt", str(ckpt), "--data-root", str(root),
-         "--mode", "ss", "ssc", "msf", "mscf", "--crop-size", "64", "64", "--scales", "0.75",
+         "--mode", *modes, "--crop-size", "64", "64", "--scales", "0.75",
          "1.25", "--device", "cpu", "--num-workers", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
             if line.startswith("|")]
-    assert rows[0] == ["class", "ss", "ssc", "msf", "mscf"]
+    assert rows[0] == ["class", *modes]
     printed = dict(zip(rows[0][1:], rows[-1][1:], strict=True))
-
-    model = build_model(name, 19)
-    model.load_state_dict(state)
-    model.eval()
-    mean, std = np.asarray(MEAN), np.asarray(STD)
-    confusion = {mode: np.zeros((19, 19), np.int64) for mode in printed}
-    for image_path in sorted((root / "leftImg8bit" / "val").rglob("*_leftImg8bit.png")):
-        rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1] / 255.0
-        image = torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1)).float()[None]
-        label_path = str(image_path).replace("leftImg8bit", "gtFine").replace(
-            "gtFine.png", "gtFine_labelIds.png")
-        label = LABEL_ID_TO_TRAIN_ID[cv2.imread(label_path, cv2.IMREAD_UNCHANGED)]
-        for mode in printed:
-            pred = reference_scores(model, image, mode, scales=(0.75, 1.25), crop=(64, 64))
-            confusion[mode] += ref_confusion(pred[0].argmax(0).numpy(), label, 19)
-    for mode, conf in confusion.items():
+    for mode in modes:
+        conf = sum(ref_confusion(pred[mode], label, 19) for pred, label in predictions)
         tp = np.diag(conf).astype(np.float64)
         union = conf.sum(0) + conf.sum(1) - tp
         expected = 100 * np.mean(tp[union > 0] / union[union > 0])  # present classes only
