@@ -302,6 +302,10 @@ def test_sizes_windows_and_padding_of_the_protocol_worked_by_hand():
 @pytest.mark.parametrize("size", [(36, 60), (50, 70), (70, 52)])
 @pytest.mark.parametrize("flip", [True, False])
 def test_every_mode_equals_the_reference_arithmetic(size, flip):
+    """Tolerance 1e-5 on scores of O(1-10): the pipeline batches crops and pads differently from
+    the reference, so the tiny float32 conv net sums in another order; float32 rounding is
+    ~1e-7 relative per operation on any x86-64 CPU (no AMX for float32), ~1e-6 after a few
+    layers and the sum over scales, crops and flips."""
     net = conv_net()
     image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3))
     options = EvalOptions(modes=("ss", "ssc", "msf", "mscf"), scales=SCALES, crop_size=CROP,
@@ -314,6 +318,7 @@ def test_every_mode_equals_the_reference_arithmetic(size, flip):
 
 
 def test_scores_are_made_at_the_label_size_after_a_short_side_resize():
+    """Tolerance: as in test_every_mode_equals_the_reference_arithmetic."""
     net = conv_net(1)
     image = torch.randn(1, 3, 30, 44, generator=torch.Generator().manual_seed(4))
     options = EvalOptions(modes=("ss", "ssc", "msf", "mscf"), scales=(0.75, 1.0), crop_size=CROP,
@@ -327,7 +332,9 @@ def test_scores_are_made_at_the_label_size_after_a_short_side_resize():
 
 def test_crops_are_summed_not_averaged_and_padding_is_centred():
     """Closed forms: a net returning constant logits gives each pixel (number of crops covering
-    it) x softmax; with flip, that times exp(2 softmax)."""
+    it) x softmax; with flip, that times exp(2 softmax). Default float32 tolerances (1.3e-6
+    relative): a softmax, an exp and sums of at most 3 terms, each correctly rounded or within
+    1 ulp (1.2e-7) of it whichever vector width computes them."""
 
     class Constant(nn.Module):
         def forward(self, x):
@@ -360,7 +367,8 @@ def test_a_mode_does_not_depend_on_the_others_requested():
 def test_published_layout_models_equal_the_reference_in_every_mode(name):
     """BiSeNetV1 / V2 with a state dict of the published checkpoints' layout (random values):
     every mode's confusion matrix equals the reference arithmetic's, images smaller and larger
-    than the crop, not multiples of 32."""
+    than the crop, not multiples of 32. Exact on any CPU: pixels whose top-2 scores are within
+    1e-4 relative (100x the float32 rounding of these nets) are ignored, so no argmax can flip."""
     model = build_model(name, 19)
     model.load_state_dict(published_layout_state(name, seed=5))
     model.eval()
@@ -546,6 +554,8 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_give_exactly_the_single_process_result(tmp_path):
+    # Exact on any CPU: each image is predicted alone, by the same kernels, in either set-up;
+    # only integer confusion counts are summed across processes.
     mp.spawn(_gloo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     single = evaluate(conv_net(), random_dataset(), C, OPTIONS, **RUN)
     for rank in range(2):  # 5 images: ranks take 3 and 2; both get the sum

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import CPU_FLAGS, cpu_description
+from conftest import CPU_FLAGS, cpu_description, cpu_flags
 
 
 def test_cpu_description_reads_model_and_flags_of_the_first_cpu(tmp_path):
@@ -17,7 +17,9 @@ def test_cpu_description_reads_model_and_flags_of_the_first_cpu(tmp_path):
     assert set(expected) == set(CPU_FLAGS)
     assert cpu_description(cpuinfo) == "Example Xeon; " + " ".join(
         f"{flag}={expected[flag]}" for flag in CPU_FLAGS)
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512f", "amx_tile", "amx_int8"}
     assert cpu_description(tmp_path / "absent") == "unknown (no /proc/cpuinfo)"
+    assert cpu_flags(tmp_path / "absent") == set()
     cpuinfo.write_text("processor\t: 0\n")  # e.g. some virtual machines list no model or flags
     assert cpu_description(cpuinfo).startswith("unknown model; avx2=no ")
 
