@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cpu_description
 
 from lib.data.toy_cityscapes import generate_toy_cityscapes
 
@@ -51,3 +52,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def pytest_report_header(config) -> list[str]:
+    return [f"cpu: {cpu_description()}",
+            f"torch {torch.__version__} (CPU kernels: {torch.backends.cpu.get_cpu_capability()}), "
+            f"CUDA available: {torch.cuda.is_available()}"]

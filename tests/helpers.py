@@ -43,3 +43,36 @@ def train_command(toy_root: Path, out: Path, *extra: str, script: str = "bisenet
     return [*python, script, "--data-root", str(toy_root), "--device", "cpu",
             "--output-dir", str(out), "--crop-size", "64", "128", "--warmup-iter", "1",
             "--batch-size", "2", "--num-workers", "0", *extra]
+
+
+# The CPU features that change float rounding or select other kernels (oneDNN, OpenVINO, ONNX
+# Runtime): a failure report then says which kind of machine it came from.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def _first_cpu(cpuinfo: Path) -> dict[str, str] | None:
+    """The ``name: value`` fields of the first CPU in ``cpuinfo``; None if it cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (empty when ``cpuinfo`` is absent, e.g. not on Linux)."""
+    return set((_first_cpu(cpuinfo) or {}).get("flags", "").split())
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """``model name; flag=yes/no ...`` of the first CPU in ``cpuinfo`` ("unknown" without it)."""
+    fields = _first_cpu(cpuinfo)
+    if fields is None:
+        return "unknown (no /proc/cpuinfo)"
+    present = cpu_flags(cpuinfo)
+    flags = " ".join(f"{flag}={'yes' if flag in present else 'no'}" for flag in CPU_FLAGS)
+    return f"{fields.get('model name', 'unknown model')}; {flags}"

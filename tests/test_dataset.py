@@ -35,6 +35,7 @@ def test_reads_rgb_image_and_maps_labels_through_the_lut(pair):
     dataset = SegmentationDataset([(image_path, label_path)], EvalTransform(mean=(0, 0, 0),
                                   std=(1, 1, 1)), lut, n_classes=3)
     tensor, target = dataset[0]
+    # the normalisation table against a division: elementwise float32, within an ulp on any CPU
     assert torch.allclose(tensor, torch.from_numpy(image).permute(2, 0, 1).float() / 255)
     assert torch.equal(target, torch.from_numpy(lut[label]).long())
     # a (index, seed) item is accepted too (the sampler's form)

@@ -109,7 +109,7 @@ def dataset_and_protocol(args: argparse.Namespace, saved: dict, implied: str | N
     config is ``saved`` (empty: a bare state dict whose class count implies ``implied``)."""
     decided = decide_dataset(args, {"config": saved, "dataset": implied, "model": model,
                                     "file": "model.pth"})
-    return decided.data.dataset, decided.options, decided.other_dataset
+    return decided.data.dataset, decided.options(args), decided.other_dataset
 
 
 def test_evaluate_takes_dataset_and_protocol_from_the_checkpoint_unless_told():

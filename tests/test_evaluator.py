@@ -310,6 +310,10 @@ def test_sizes_windows_and_padding_of_the_protocol_worked_by_hand():
 @pytest.mark.parametrize("size", [(36, 60), (50, 70), (70, 52)])
 @pytest.mark.parametrize("flip", [True, False])
 def test_every_mode_equals_the_reference_arithmetic(size, flip):
+    """Tolerance 1e-5 on scores of O(1-10): the pipeline batches crops and pads differently from
+    the reference, so the tiny float32 conv net sums in another order; float32 rounding is
+    ~1e-7 relative per operation on any x86-64 CPU (no AMX for float32), ~1e-6 after a few
+    layers and the sum over scales, crops and flips."""
     net = conv_net()
     image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3))
     options = EvalOptions(modes=("ss", "ssc", "msf", "mscf"), scales=SCALES, crop_size=CROP,
@@ -322,6 +326,7 @@ def test_every_mode_equals_the_reference_arithmetic(size, flip):
 
 
 def test_scores_are_made_at_the_label_size_after_a_short_side_resize():
+    """Tolerance: as in test_every_mode_equals_the_reference_arithmetic."""
     net = conv_net(1)
     image = torch.randn(1, 3, 30, 44, generator=torch.Generator().manual_seed(4))
     options = EvalOptions(modes=("ss", "ssc", "msf", "mscf"), scales=(0.75, 1.0), crop_size=CROP,
@@ -335,7 +340,9 @@ def test_scores_are_made_at_the_label_size_after_a_short_side_resize():
 
 def test_crops_are_summed_not_averaged_and_padding_is_centred():
     """Closed forms: a net returning constant logits gives each pixel (number of crops covering
-    it) x softmax; with flip, that times exp(2 softmax)."""
+    it) x softmax; with flip, that times exp(2 softmax). Default float32 tolerances (1.3e-6
+    relative): a softmax, an exp and sums of at most 3 terms, each correctly rounded or within
+    1 ulp (1.2e-7) of it whichever vector width computes them."""
 
     class Constant(nn.Module):
         def forward(self, x):
@@ -368,7 +375,8 @@ def test_a_mode_does_not_depend_on_the_others_requested():
 def test_published_layout_models_equal_the_reference_in_every_mode(name):
     """BiSeNetV1 / V2 with a state dict of the published checkpoints' layout (random values):
     every mode's confusion matrix equals the reference arithmetic's, images smaller and larger
-    than the crop, not multiples of 32."""
+    than the crop, not multiples of 32. Exact on any CPU: pixels whose top-2 scores are within
+    1e-4 relative (100x the float32 rounding of these nets) are ignored, so no argmax can flip."""
     model = build_model(name, 19)
     model.load_state_dict(published_layout_state(name, seed=5))
     model.eval()
@@ -399,15 +407,44 @@ def test_published_layout_models_equal_the_reference_in_every_mode(name):
 @pytest.mark.parametrize("name", ["bisenetv1", "bisenetv2"])
 def test_published_format_state_dict_through_the_evaluate_command(name, tmp_path):
     """`python evaluate.py --ckpt <bare state dict> --mode ss ssc msf mscf` on real PNGs prints
-    per mode the mIoU that the reference arithmetic gives on the same files (to 0.01)."""
+    per mode the mIoU that the reference arithmetic gives on the same files (to 0.01, the
+    printed precision).
+
+    Random weights of the published layout saturate the softmax: in BiSeNetV2's crop and
+    multi-scale modes ~1500 pixels have top-2 scores 1 ulp apart (1.0 vs 1 - 6e-8), which float32
+    rounding of another CPU or kernel may swap. Those pixels (within 1e-4 relative of a tie in
+    any mode) are made void in the label PNGs, as in the test above, so the comparison holds on
+    any x86-64 CPU; exact ties (equal saturated scores) are broken by the first index, alike in
+    both."""
     root = generate_toy_cityscapes(tmp_path / "toy", n_train=0, n_val=2, height=90, width=170,
                                    seed=3)
     state = published_layout_state(name, seed=8)
     ckpt = tmp_path / f"model_final_{name}_city.pth"  # a bare state dict, as published
     torch.save(state, ckpt)
+    model = build_model(name, 19)
+    model.load_state_dict(state)
+    model.eval()
+    modes = ("ss", "ssc", "msf", "mscf")
+    mean, std = np.asarray(MEAN), np.asarray(STD)
+    predictions = []
+    for image_path in sorted((root / "leftImg8bit" / "val").rglob("*_leftImg8bit.png")):
+        rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1] / 255.0
+        image = torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1)).float()[None]
+        label_path = str(image_path).replace("leftImg8bit", "gtFine").replace(
+            "gtFine.png", "gtFine_labelIds.png")
+        label_ids = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
+        scores = {mode: reference_scores(model, image, mode, scales=(0.75, 1.25),
+                                         crop=(64, 64))[0] for mode in modes}
+        for mode_scores in scores.values():
+            top2 = mode_scores.topk(2, dim=0).values
+            near_tie = (top2[0] > top2[1]) & (top2[0] - top2[1] < 1e-4 * top2[0].abs())
+            label_ids[near_tie.numpy()] = TRAIN_ID_TO_LABEL_ID[255]
+        cv2.imwrite(label_path, label_ids)
+        predictions.append(({m: s.argmax(0).numpy() for m, s in scores.items()},
+                            LABEL_ID_TO_TRAIN_ID[label_ids]))
     done = subprocess.run(
         [sys.executable, "evaluate.py", "--ckpt", str(ckpt), "--data-root", str(root),
-         "--mode", "ss", "ssc", "msf", "mscf", "--crop-size", "64", "64", "--scales", "0.75",
+         "--mode", *modes, "--crop-size", "64", "64", "--scales", "0.75",
          "1.25", "--device", "cpu", "--num-workers", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -415,26 +452,11 @@ def test_published_format_state_dict_through_the_evaluate_command(name, tmp_path
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
             if line.startswith("|")]
     # IoU columns of the modes, then their F1 columns (tests/test_metrics.py)
-    assert rows[0] == ["class", "ss", "ssc", "msf", "mscf", "F1 ss", "F1 ssc", "F1 msf",
-                       "F1 mscf"]
+    assert rows[0] == ["class", *modes, *(f"F1 {mode}" for mode in modes)]
     miou_row = next(row for row in rows if row[0] == "mIoU")
     printed = dict(zip(rows[0][1:5], miou_row[1:5], strict=True))
-
-    model = build_model(name, 19)
-    model.load_state_dict(state)
-    model.eval()
-    mean, std = np.asarray(MEAN), np.asarray(STD)
-    confusion = {mode: np.zeros((19, 19), np.int64) for mode in printed}
-    for image_path in sorted((root / "leftImg8bit" / "val").rglob("*_leftImg8bit.png")):
-        rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1] / 255.0
-        image = torch.from_numpy(((rgb - mean) / std).transpose(2, 0, 1)).float()[None]
-        label_path = str(image_path).replace("leftImg8bit", "gtFine").replace(
-            "gtFine.png", "gtFine_labelIds.png")
-        label = LABEL_ID_TO_TRAIN_ID[cv2.imread(label_path, cv2.IMREAD_UNCHANGED)]
-        for mode in printed:
-            pred = reference_scores(model, image, mode, scales=(0.75, 1.25), crop=(64, 64))
-            confusion[mode] += ref_confusion(pred[0].argmax(0).numpy(), label, 19)
-    for mode, conf in confusion.items():
+    for mode in modes:
+        conf = sum(ref_confusion(pred[mode], label, 19) for pred, label in predictions)
         tp = np.diag(conf).astype(np.float64)
         union = conf.sum(0) + conf.sum(1) - tp
         expected = 100 * np.mean(tp[union > 0] / union[union > 0])  # present classes only
@@ -536,6 +558,8 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_give_exactly_the_single_process_result(tmp_path):
+    # Exact on any CPU: each image is predicted alone, by the same kernels, in either set-up;
+    # only integer confusion counts are summed across processes.
     mp.spawn(_gloo_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     single = evaluate(conv_net(), random_dataset(), C, OPTIONS, **RUN)
     for rank in range(2):  # 5 images: ranks take 3 and 2; both get the sum

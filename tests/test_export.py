@@ -26,6 +26,12 @@ def _reference(model, x):
 
 
 def _close(got, want):
+    """Largest difference relative to the largest logit, and the fraction of equal arg-max.
+
+    The exported graphs run in float32 (ONNX Runtime, OpenVINO with the f32 hint, AOTInductor's
+    C++), so they differ from eager torch by float32 rounding of other kernels: ~1e-6 relative
+    on any x86-64 CPU, far under the 1e-4 the tests allow; 99.9% equal arg-max leaves room for
+    the odd pixel within rounding of a tie."""
     relative = np.abs(got - want).max() / np.abs(want).max()
     agree = (got.argmax(1) == want.argmax(1)).mean()
     return relative, agree

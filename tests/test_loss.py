@@ -47,6 +47,7 @@ def test_matches_reference_in_both_branches(easy, branch):
     expected, taken = _reference(logits, labels)
     assert taken == branch  # the data really exercises the intended branch
     loss = OhemCrossEntropy()(logits, labels)
+    # float32 cross-entropy of <= 240 pixels against the float64 loop: ~1e-7 relative on any CPU
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import randomise_batchnorms
+from helpers import cpu_flags, randomise_batchnorms
 from tools_loader import load_tool
 
 from lib.data.datasets.cityscapes import MEAN, STD
@@ -28,6 +28,7 @@ def test_int8_graph_agrees_with_fp32_on_toy_images(tmp_path):
     torch.save(model.state_dict(), ckpt)
     summary = quantize.main(["--ckpt", str(ckpt), "--data-root", str(root), "--calib-images",
                              "4", "--bench-size", "64", "128", "--repeats", "1"])
+    assert set(summary) == {"miou_fp32", "miou_int8", "latency_ratio"}
     path = tmp_path / "model_final.int8.onnx"
     graph = onnx.load(str(path))
     ops = [node.op_type for node in graph.graph.node]
@@ -37,6 +38,13 @@ def test_int8_graph_agrees_with_fp32_on_toy_images(tmp_path):
     int8_weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) >= convs
 
+    # ONNX Runtime runs these uint8 x int8 convolutions exactly (int32 sums) with VNNI or AMX;
+    # without them (SSE4.1, AVX2, AVX-512 without VNNI) it uses VPMADDUBSW, whose int16 pair
+    # sums can overflow and saturate (oneDNN's "Nuances of int8 computations"; ONNX Runtime
+    # pull request 12088), so the agreement below would then also measure saturation: it is
+    # checked only where the CPU has VNNI or AMX-int8.
+    if not cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        pytest.skip("int8 agreement needs a CPU with VNNI (avx512_vnni or avx_vnni) or amx_int8")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     agree, total = 0, 0
     for image_path in sorted((root / "leftImg8bit" / "val").rglob("*.png")):
@@ -49,4 +57,3 @@ def test_int8_graph_agrees_with_fp32_on_toy_images(tmp_path):
         agree += int((got == want).sum())
         total += want.size
     assert agree / total >= 0.9  # random weights: small logit margins, yet few flips
-    assert set(summary) == {"miou_fp32", "miou_int8", "latency_ratio"}

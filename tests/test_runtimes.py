@@ -53,6 +53,10 @@ def _runtime(name, model, graph):
 
 @pytest.mark.parametrize("name", list(RUNTIMES))
 def test_runtime_matches_eval_model_at_odd_sizes(name, model, graph):
+    """Tolerance 1e-4 of the largest logit and 99.9% equal arg-max: every runtime computes in
+    float32 (OpenVINO with INFERENCE_PRECISION_HINT f32, else it would pick bf16 on AVX512_BF16
+    or AMX CPUs; ONNX Runtime's MLAS uses no AMX for float32), so they differ from torch by
+    float32 rounding of other kernels, ~1e-6 relative on any x86-64 CPU."""
     runtime = _runtime(name, model, graph)
     for shape in [(2, 3, 67, 131), (1, 3, 45, 203)]:  # dynamic batch and sizes, not /32
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
@@ -66,6 +70,9 @@ def test_runtime_matches_eval_model_at_odd_sizes(name, model, graph):
 
 @pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
 def test_evaluation_through_runtime_gives_torch_confusion_matrix(name, model, graph, tmp_path):
+    """Exact confusion matrices: on these 2 images the smallest top-2 gap of torch's summed
+    scores is 5e-5 relative (measured on an AVX-512 CPU, every mode), 50x the float32 rounding
+    (~1e-6) by which the runtimes differ from torch on any CPU, so no arg-max flips."""
     # whole images at two scales and flipped, plus crops: inputs of many sizes
     root = generate_toy_cityscapes(tmp_path / "toy", n_train=0, n_val=2, height=70, width=150,
                                    seed=5)
@@ -111,6 +118,7 @@ def test_auto_keeps_the_runtime_measured_fastest_per_shape(model, slow, one_thre
     x = torch.randn(1, 3, 40, 72)
     with torch.inference_mode():
         want = model(x)
+    # the torch runtime's inference form (folded BatchNorm): float32 rounding, as in test_deploy
     assert torch.allclose(auto(x), want, rtol=0, atol=1e-4 * want.abs().max().item())
     fast = "second" if slow == "first" else "first"
     assert auto.chosen == {shape_class(x.shape): fast}

@@ -16,6 +16,15 @@ from lib.training.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 
 WORLD = 2
 MOMENTA = (0.3, None)  # exponential and cumulative running averages
+DTYPES = (torch.float32, torch.float64)
+# Tolerances of the 2-process result against BatchNorm2d on the whole batch (same CPU, other
+# summation orders: SyncBatchNorm2d sums in float64, BatchNorm2d in its own kernel). float64:
+# exact but for a few ulps on any CPU. float32: the values are O(1-10), 60 per channel and process;
+# a float32 sum or product is off by < 1 ulp (6e-8 relative) per step whatever the vector width
+# (AVX2, AVX-512; AMX does no float32), so outputs and gradients should differ by ~1e-6,
+# 10x under the tolerance; the control below differs by > 1e-2.
+TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+              torch.float64: {"rtol": 1e-12, "atol": 1e-12}}
 
 
 def _about(key: str):
@@ -66,16 +75,17 @@ def _run(bn: nn.Module, first: torch.Tensor, second: torch.Tensor, weighting: to
 def _worker(rank: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        first, second, weighting = _inputs()
         part = slice(rank * 2, rank * 2 + 2)  # this process's half of each batch
         results = {}
-        for momentum in MOMENTA:
-            synced = convert_sync_batchnorm(nn.Sequential(_reference_bn(momentum)))[0]
-            results[("sync", momentum)] = _run(synced, first[part], second[part],
-                                               weighting[part])
-            # control: plain BatchNorm2d in the same processes (per-process statistics)
-            results[("plain", momentum)] = _run(_reference_bn(momentum), first[part],
-                                                second[part], weighting[part])
+        for dtype in DTYPES:
+            first, second, weighting = (t.to(dtype)[part] for t in _inputs())
+            for momentum in MOMENTA:
+                bn = _reference_bn(momentum).to(dtype)
+                synced = convert_sync_batchnorm(nn.Sequential(bn))[0]
+                results[("sync", momentum, dtype)] = _run(synced, first, second, weighting)
+                # control: plain BatchNorm2d in the same processes (per-process statistics)
+                results[("plain", momentum, dtype)] = _run(_reference_bn(momentum).to(dtype),
+                                                           first, second, weighting)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -97,25 +107,28 @@ def _combine(ranks: list[dict]) -> dict[str, torch.Tensor]:
     return combined
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", MOMENTA)
-def test_two_processes_match_one_batchnorm_on_the_whole_batch(per_rank, momentum):
-    expected = _run(_reference_bn(momentum), *_inputs())
-    synced = [r[("sync", momentum)] for r in per_rank]
+def test_two_processes_match_one_batchnorm_on_the_whole_batch(per_rank, momentum, dtype):
+    """Tolerances: see TOLERANCES (float64 makes the comparison exact up to rounding)."""
+    expected = _run(_reference_bn(momentum).to(dtype), *(t.to(dtype) for t in _inputs()))
+    synced = [r[("sync", momentum, dtype)] for r in per_rank]
     got = _combine(synced)
     for key, value in got.items():
-        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=_about(key))
+        assert value.dtype == dtype, key
+        torch.testing.assert_close(value, expected[key], **TOLERANCES[dtype], msg=_about(key))
     for rank in synced:  # every process ends with the global running statistics
         for key in ("running_mean", "running_var", "num_batches_tracked"):
-            torch.testing.assert_close(rank[key], expected[key], rtol=1e-5, atol=1e-6,
+            torch.testing.assert_close(rank[key], expected[key], **TOLERANCES[dtype],
                                        msg=_about(key))
         assert int(rank["num_batches_tracked"]) == 2
 
     # The control: unsynchronised statistics are far from the whole-batch result on this data,
     # so the comparison above can fail.
-    plain = _combine([r[("plain", momentum)] for r in per_rank])
+    plain = _combine([r[("plain", momentum, dtype)] for r in per_rank])
     assert (plain["out"] - expected["out"]).abs().max() > 0.1
     assert (plain["grad_input"] - expected["grad_input"]).abs().max() > 0.01
-    assert (per_rank[0][("plain", momentum)]["running_mean"]
+    assert (per_rank[0][("plain", momentum, dtype)]["running_mean"]
             - expected["running_mean"]).abs().max() > 0.1
 
 

@@ -28,11 +28,6 @@ def toy_root(tmp_path_factory):
     return root
 
 
-def _about(key: str):
-    """assert_close message: the tensor's name, then torch's description of the mismatch."""
-    return lambda message: f"{key}: {message}"
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,9 +108,54 @@ def _dataset_without_ignore(root: Path) -> Path:
     return root
 
 
-def test_one_and_two_processes_train_to_the_same_weights(tmp_path):
+# The 1-vs-2-process runs below are in float64 (tests/train_in_float64.py): they agree to float64
+# rounding amplified by two training steps (measured 9e-15), on any CPU, while each planted bug
+# makes them differ by more than 0.1.
+EQUIVALENCE_TOLERANCE = 1e-10
+FLOAT64_LAUNCHER = "tests/train_in_float64.py"
+
+
+@pytest.fixture(scope="module")
+def float64_reference(tmp_path_factory) -> dict:
+    """The training arguments and the weights of 1 process with batch 4 after 2 iterations, in
+    float64; shared by the 2-process run and the planted-bug runs compared with it."""
+    tmp = tmp_path_factory.mktemp("float64")
+    root = _dataset_without_ignore(tmp / "data")
+    args = ["bisenetv1/train.py", "--pretrained", "none", "--dataset", "folders",
+            "--data-root", str(root), "--n-classes", "3", "--device", "cpu",
+            "--crop-size", "64", "96", "--scale-range", "1", "1.5", "--ohem-thresh", "0.999999",
+            "--max-iter", "2", "--warmup-iter", "1", "--batch-size", "4", "--lr", "1e-2",
+            "--head-lr-mult", "1", "--num-workers", "0", "--log-every", "1",
+            "--checkpoint-every", "0", "--no-eval-at-end", "--no-check-data"]
+    single = _run([sys.executable, FLOAT64_LAUNCHER, *args, "--output-dir", str(tmp / "one")])
+    weights = torch.load(tmp / "one" / "model_final.pth", weights_only=True)["state_dict"]
+    return {"args": args, "stdout": single.stdout, "weights": weights, "tmp": tmp}
+
+
+def _train_two_processes(reference: dict, name: str, *launcher_options: str
+                         ) -> tuple[subprocess.CompletedProcess, dict[str, torch.Tensor]]:
+    """The reference's training on 2 gloo processes of batch 2 (torchrun), in float64."""
+    out = reference["tmp"] / name
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                 f"--master_port={_free_port()}", FLOAT64_LAUNCHER, *launcher_options,
+                 *reference["args"], "--output-dir", str(out)])
+    return proc, torch.load(out / "model_final.pth", weights_only=True)["state_dict"]
+
+
+def _largest_difference(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor]
+                        ) -> tuple[float, str]:
+    """The largest absolute difference over every floating-point tensor of two state dicts
+    (weights and BatchNorm running statistics) and the tensor's name."""
+    assert list(one) == list(two)
+    differences = {key: (two[key] - one[key]).abs().max().item()
+                   for key in one if one[key].is_floating_point()}
+    key = max(differences, key=differences.get)
+    return differences[key], key
+
+
+def test_one_and_two_processes_train_to_the_same_weights(float64_reference):
     """1 process with batch 4 and 2 gloo processes with 2 each end with the same weights and
-    BatchNorm statistics after 3 iterations.
+    BatchNorm statistics after 2 iterations.
 
     Why the two runs compute the same thing, term by term:
     * samples and augmentation: the sampler gives rank r the r-th half of each global batch and
@@ -130,37 +170,51 @@ def test_one_and_two_processes_train_to_the_same_weights(tmp_path):
       so OHEM selects per process exactly the pixels it would select on the whole batch;
     * no per-process randomness in the model: BiSeNetV1 has no dropout (BiSeNetV2's dropout
       masks are drawn per process and cannot match).
-    Float32 rounding differs (other summation orders) and from-scratch training on 2 images per
-    process amplifies it quickly (at lr 1e-2 the runs differ ~1e-3 after 3 steps), so the learning
-    rate is small. Measured: the weights move up to ~4e-4, the runs differ ~3e-7 (running
-    variances ~2e-6); without synchronised BatchNorm they differ ~1e-3 (running variances ~0.6).
+    Both runs are the real training script under a launcher that builds the model in float64
+    (tests/train_in_float64.py), so the only differences are float64 roundings of other
+    summation orders (batch of 4 vs two all-reduced halves), amplified by training: measured
+    9e-15 on an AVX-512 CPU (largest in a running variance; the weights 3e-15). Float64 rounding
+    is ~1e-16 relative whatever kernels the CPU selects (AVX2 and AVX-512 only change the
+    summation order; AMX has no float64 unit), so the 1e-10 tolerance holds with a margin of
+    10^4 on any x86-64 CPU. In float32 the same runs differed by 1e-5 and more, depending on the
+    CPU. A real bug makes them differ by > 0.1 (test_equivalence_check_fails_with_a_planted_bug).
     """
-    root = _dataset_without_ignore(tmp_path / "data")
-    args = ["bisenetv1/train.py", "--pretrained", "none", "--dataset", "folders",
-            "--data-root", str(root), "--n-classes", "3", "--device", "cpu",
-            "--crop-size", "64", "96", "--scale-range", "1", "1.5", "--ohem-thresh", "0.999999",
-            "--max-iter", "3", "--warmup-iter", "1", "--batch-size", "4", "--lr", "1e-4",
-            "--head-lr-mult", "1", "--num-workers", "0", "--log-every", "1",
-            "--checkpoint-every", "0", "--no-eval-at-end"]
-    single = _run([sys.executable, *args, "--output-dir", str(tmp_path / "one")])
-    double = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                   f"--master_port={_free_port()}", *args, "--output-dir", str(tmp_path / "two")])
-    schedule = _schedule(single.stdout)
-    assert len(schedule) == 3 and _schedule(double.stdout) == schedule
-    one = torch.load(tmp_path / "one" / "model_final.pth", weights_only=True)["state_dict"]
-    two = torch.load(tmp_path / "two" / "model_final.pth", weights_only=True)["state_dict"]
-    assert list(one) == list(two)
-    for key, value in one.items():  # parameters, running means/variances, batch counters
-        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=_about(key))
-    # The comparison is not met trivially: the 3 steps moved the weights beyond the tolerance,
-    # and the runs differ by under 1% of that (the trainer seeds with --seed 0, then builds).
+    one = float64_reference["weights"]
+    double, two = _train_two_processes(float64_reference, "two")
+    schedule = _schedule(float64_reference["stdout"])
+    assert len(schedule) == 2 and _schedule(double.stdout) == schedule
+    assert all(value.dtype == torch.float64 for value in one.values() if value.is_floating_point())
+    for key, value in one.items():  # batch counters: exactly
+        if not value.is_floating_point():
+            assert torch.equal(two[key], value), key
+    difference, key = _largest_difference(one, two)
+    assert difference < EQUIVALENCE_TOLERANCE, f"{key} differs by {difference:.3g}"
+    # The comparison is not met trivially: the 2 steps moved the weights by far more than the
+    # tolerance (the trainer seeds with --seed 0, then builds the model in the default dtype).
     torch.manual_seed(0)
-    initial = build_model("bisenetv1", 3, aux_heads=True).state_dict()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        initial = build_model("bisenetv1", 3, aux_heads=True).state_dict()
+    finally:
+        torch.set_default_dtype(default_dtype)
     params = [k for k in one if not k.endswith(("running_mean", "running_var",
                                                 "num_batches_tracked"))]
     moved = max((one[k] - initial[k]).abs().max().item() for k in params)
-    differ = max((one[k] - two[k]).abs().max().item() for k in params)
-    assert moved > 1e-4 and differ < moved / 100
+    assert moved > 1e-3
+
+
+@pytest.mark.parametrize("bug", ["sampler", "batchnorm", "gradients"])
+def test_equivalence_check_fails_with_a_planted_bug(float64_reference, bug):
+    """The 1-vs-2-process check above catches real bugs: with each bug planted in the 2-process
+    run (tests/train_in_float64.py --plant), its weights or BatchNorm statistics differ from the
+    1-process run's by more than 10^5 times the tolerance. Measured on an AVX-512 CPU, largest
+    difference (in a BatchNorm running variance) and largest over the weights: an unsharded
+    sampler (both ranks train on the same samples) 0.49 and 0.15, unsynchronised BatchNorm 0.47
+    and 0.079, gradients averaged twice 0.11 and 0.018."""
+    _, two = _train_two_processes(float64_reference, f"planted_{bug}", "--plant", bug)
+    difference, key = _largest_difference(float64_reference["weights"], two)
+    assert difference > 1e5 * EQUIVALENCE_TOLERANCE, f"{bug}: {key} differs by {difference:.3g}"
 
 
 def test_one_image_per_process_trains_with_synchronised_batchnorm_only(toy_root, tmp_path):

@@ -201,6 +201,7 @@ def test_to_tensor_and_eval_transform_normalise_at_full_resolution():
     image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
     expected = (image.astype(np.float64) / 255 - np.array(MEAN)) / np.array(STD)
     expected = torch.from_numpy(expected.transpose(2, 0, 1)).float()
+    # float32 table against float64 arithmetic: elementwise, a few ulps of values < 3, any CPU
     assert torch.allclose(to_tensor(image, MEAN, STD), expected, atol=1e-5)
     tensor, label = EvalTransform()(image, np.arange(35, dtype=np.uint8).reshape(5, 7))
     assert tensor.shape == (3, 5, 7) and torch.allclose(tensor, expected, atol=1e-5)

@@ -144,6 +144,8 @@ def test_validation_keeps_the_best_model_of_the_logged_mious(watched_run, toy_ro
     cfg = TrainConfig().replace(data_root=str(toy_root))
     conf = evaluate(to_inference_form(model), build_dataset(cfg.data, "val"), 19,
                     EvalOptions(modes=("ss",)), device="cpu", progress=False, num_workers=0)["ss"]
+    # the same weights on the same images and CPU: the same float32 computation and confusion
+    # counts (abs 1e-7 only absorbs the float64 mIoU stored in the checkpoint)
     assert iou_from_confusion(conf)[1] == pytest.approx(best["best_miou"], abs=1e-7)
     # the bookkeeping travels in the resumable checkpoints
     final = load_checkpoint(out / "model_final.pth")
@@ -161,6 +163,7 @@ def test_event_files_hold_the_scalars_and_images(watched_run, toy_root):
     loss = {e.step: e.value for e in events.Scalars("train/loss")}
     lr = {e.step: e.value for e in events.Scalars("train/lr")}
     assert sorted(loss) == sorted(lr) == sorted(trained)
+    # the log prints the loss to 4 decimals and the lr to 6 digits; TensorBoard stores float32
     for it, (logged_lr, logged_loss) in trained.items():
         assert loss[it] == pytest.approx(logged_loss, abs=1e-4)
         assert lr[it] == pytest.approx(logged_lr, rel=1e-5, abs=1e-9)
@@ -235,6 +238,8 @@ def test_ema_follows_its_formula_step_by_step():
                 tracked[key] = value.clone()
     for key, value in ema.module.state_dict().items():
         if value.is_floating_point():
+            # float32 EMA against a float64 one: a few elementwise steps, each rounded to
+            # within 1 ulp (6e-8) on any CPU
             torch.testing.assert_close(value.double(), tracked[key], rtol=1e-6, atol=1e-7)
             assert not torch.equal(value, model.state_dict()[key]), key
         else:
@@ -357,6 +362,8 @@ def test_two_processes_validate_their_shares_and_rank_0_writes(toy_root, tmp_pat
     cfg = TrainConfig().replace(data_root=str(toy_root))
     conf = evaluate(to_inference_form(model), build_dataset(cfg.data, "val"), 19,
                     EvalOptions(modes=("ss",)), device="cpu", progress=False, num_workers=0)["ss"]
+    # the same weights on the same images and CPU: the same float32 computation and confusion
+    # counts (abs 1e-7 only absorbs the float64 mIoU stored in the checkpoint)
     assert iou_from_confusion(conf)[1] == pytest.approx(best["best_miou"], abs=1e-7)
 
 

@@ -138,8 +138,13 @@ class EvaluationData:
     another than the checkpoint's (its own names and colours are then used)."""
 
     data: DataConfig
-    options: EvalOptions
+    protocol: Mapping[str, Any]  # the eval_* values of the dataset's (or checkpoint's) protocol
     other_dataset: bool
+
+    def options(self, args: argparse.Namespace) -> EvalOptions:
+        """The protocol, the options given on the command line (``add_protocol_arguments``)
+        winning."""
+        return protocol_options(args, self.protocol)
 
 
 def decide_dataset(args: argparse.Namespace, meta: Mapping[str, Any]) -> EvaluationData:
@@ -179,7 +184,7 @@ def decide_dataset(args: argparse.Namespace, meta: Mapping[str, Any]) -> Evaluat
         mean=tuple(meta.get("mean", defaults.mean)),
         std=tuple(meta.get("std", defaults.std)),
     )
-    return EvaluationData(data, protocol_options(args, protocol), other_dataset)
+    return EvaluationData(data, protocol, other_dataset)
 
 
 def main(argv: Sequence[str] | None = None, default_ckpt: str = "res/model_final.pth",
@@ -203,7 +208,7 @@ def _run(args, dist_info: distributed.DistInfo, model_name: str | None) -> dict[
     # BatchNorm folded, no auxiliary heads: the eval-mode model's outputs, faster
     model = build_runtime(args.runtime, model, dist_info.device)
     decided = decide_dataset(args, meta)
-    cfg, options = decided.data, decided.options
+    cfg, options = decided.data, decided.options(args)
     spec = DATASETS.get(cfg.dataset)
     if dist_info.is_main:
         prepare_dataset(cfg)

@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 when it is in a lower precision (fp16/bf16 under autocast), else
+    unchanged: float64 stays float64 (models built in float64, e.g. for exact comparisons)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 class ConvBNReLU(nn.Module):
     """``Conv2d -> BatchNorm2d -> ReLU``, the basic unit of both BiSeNet papers.
 

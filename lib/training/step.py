@@ -157,6 +157,9 @@ def step_losses(net: nn.Module, criterion: OhemCrossEntropy, images: torch.Tenso
     ``autocast`` wraps the network only; the loss is computed in float32 (from the fp16/bf16
     logits, without a float32 copy of them).
     """
+    # the network's parameter dtype: a no-op for the float32 models of training runs; a model
+    # built in float64 (the 1-vs-2-process test) gets float64 batches
+    images = images.to(next(net.parameters()).dtype)
     # named ranges for torch.profiler (tools/benchmark_train.py --profile); free otherwise
     with torch.profiler.record_function("forward"), autocast or nullcontext():
         outputs = net(images)

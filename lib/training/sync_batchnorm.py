@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lib.models.layers import at_least_float32
+
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over the default process group; the gradient of a sum is the sum of the gradients.
@@ -50,7 +52,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self._check_input_dim(x)
         channels = x.shape[1]
-        xf = x.float()  # statistics in float32 also under bf16 autocast, like BatchNorm2d
+        # statistics in float32 also under bf16 autocast, like BatchNorm2d (float64 stays float64)
+        xf = at_least_float32(x)
         dims = (0, 2, 3)
         # float64 accumulation: var = E[x^2] - mean^2 loses precision in float32 sums
         local = torch.cat([
@@ -67,8 +70,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         var = (total[channels:2 * channels] / count - mean * mean).clamp_min(0)
         if self.training and self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), count)
-        invstd = torch.rsqrt(var + self.eps).float()
-        out = (xf - mean.float()[None, :, None, None]) * invstd[None, :, None, None]
+        invstd = torch.rsqrt(var + self.eps).to(xf.dtype)
+        out = (xf - mean.to(xf.dtype)[None, :, None, None]) * invstd[None, :, None, None]
         if self.affine:
             out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return out.to(x.dtype)
