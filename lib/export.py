@@ -47,11 +47,12 @@ def exportable(model: nn.Module, argmax: bool = False) -> nn.Module:
     return (WithArgmax(module) if argmax else module).eval()
 
 
-def export_program(model: nn.Module, argmax: bool = False, size: tuple[int, int] = (64, 128)
-                   ) -> torch.export.ExportedProgram:
-    """``torch.export`` of the inference form with dynamic batch, height and width."""
-    module = exportable(model, argmax)
-    example = torch.randn(2, 3, *size)
+def export_program(model: nn.Module, argmax: bool = False, size: tuple[int, int] = (64, 128),
+                   device: torch.device | str = "cpu") -> torch.export.ExportedProgram:
+    """``torch.export`` of the inference form with dynamic batch, height and width, traced on
+    ``device`` (what an AOTInductor package is compiled for)."""
+    module = exportable(model, argmax).to(device)
+    example = torch.randn(2, 3, *size, device=device)
     dynamic = ({0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC},)
     with torch.no_grad():
         return torch.export.export(module, (example,), dynamic_shapes=dynamic)
@@ -105,12 +106,13 @@ def export_openvino(model: nn.Module, path: str | Path, argmax: bool = False,
 
 
 def export_pt2(model: nn.Module, path: str | Path, argmax: bool = False,
-               size: tuple[int, int] = (64, 128)) -> Path:
-    """Write an AOTInductor package: compiled C++ for this machine's CPU (or CUDA), loadable
-    with ``torch._inductor.aoti_load_package(path)`` and nothing of this repository."""
+               size: tuple[int, int] = (64, 128), device: torch.device | str = "cpu") -> Path:
+    """Write an AOTInductor package: compiled C++ for this machine's CPU, or CUDA kernels with
+    ``device="cuda"`` (the package then takes and returns CUDA tensors), loadable with
+    ``torch._inductor.aoti_load_package(path)`` and nothing of this repository."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = export_program(model, argmax, size)
+    program = export_program(model, argmax, size, device)
     with _quiet():
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     return path
@@ -142,7 +144,8 @@ class Check:
                 f"{100 * self.agreement:.3f}% of pixels")
 
 
-def loader(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+def loader(fmt: str, path: Path, device: torch.device | str = "cpu"
+           ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The written file, loaded by its runtime (imported here: each needs its own package)."""
     if fmt == "onnx":
         from lib.runtimes.onnx_runtime import OnnxRuntime
@@ -155,14 +158,16 @@ def loader(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     package = torch._inductor.aoti_load_package(str(path))
 
     def run(images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return package(images)
+        with torch.inference_mode():  # a CUDA package takes and returns CUDA tensors
+            return package(images.to(device)).to(images.device)
     return run
 
 
-def verify(model: nn.Module, fmt: str, path: Path, argmax: bool) -> list[Check]:
-    """Run the exported file against the eager eval-mode ``model`` at ``CHECK_SHAPES``."""
-    run = loader(fmt, path)
+def verify(model: nn.Module, fmt: str, path: Path, argmax: bool,
+           device: torch.device | str = "cpu") -> list[Check]:
+    """Run the exported file (on ``device``: pt2) against the eager eval-mode ``model`` on the
+    CPU at ``CHECK_SHAPES``."""
+    run = loader(fmt, path, device)
     model = getattr(model, "module", model).cpu().eval()
     checks = []
     for shape in CHECK_SHAPES:

@@ -20,7 +20,7 @@ from lib.runtimes import (
     onnx_graph,
     shape_class,
 )
-from lib.runtimes.torch_eager import TorchRuntime
+from lib.runtimes.torch_eager import TorchRuntime, cpu_has_native_bf16
 from lib.toy_cityscapes import generate_toy_cityscapes
 
 
@@ -52,7 +52,8 @@ def _runtime(name, model, graph):
     return TorchRuntime(model) if name == "torch" else cls(graph)
 
 
-@pytest.mark.parametrize("name", list(RUNTIMES))
+# torch-compile compiles once per size (minutes on a CPU): tests/test_torch_compile.py
+@pytest.mark.parametrize("name", [n for n in RUNTIMES if n != "torch-compile"])
 def test_runtime_matches_eval_model_at_odd_sizes(name, model, graph):
     runtime = _runtime(name, model, graph)
     for shape in [(2, 3, 67, 131), (1, 3, 45, 203)]:  # dynamic batch and sizes, not /32
@@ -127,5 +128,10 @@ def test_unavailable_runtimes_say_why(model):
         build_runtime("onnxruntime", model, "cpu", precision="bf16")
     with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
         build_runtime("tensorrt", model, "cpu")
-    auto = build_runtime("auto", model, "cpu", precision="bf16")  # only torch runs bf16
-    assert list(auto.factories) == ["torch"]
+    if cpu_has_native_bf16():  # only torch and OpenVINO run bf16, and only where it is native
+        auto = build_runtime("auto", model, "cpu", precision="bf16")
+        assert set(auto.factories) <= {"torch:bf16", "openvino:bf16"}
+        assert "torch:bf16" in auto.factories and auto.reference is None
+    else:
+        with pytest.raises(RuntimeUnavailable, match="no runtime can run here"):
+            build_runtime("auto", model, "cpu", precision="bf16")
