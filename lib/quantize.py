@@ -112,8 +112,13 @@ def _fed_by_fake_quantize(node) -> bool:
 
 def _constant(node) -> bool:
     """A constant, or computed from constants only (e.g. int8 weights decompressed)."""
-    return node.get_type_name() == "Constant" or (node.get_input_size() > 0 and all(
-        _constant(node.input_value(i).get_node()) for i in range(node.get_input_size())))
+    kind = node.get_type_name()
+    if kind == "Constant":
+        return True
+    if kind in _DATA_MOVEMENT:  # a reshaped constant (its target shape may be computed)
+        return _constant(node.input_value(0).get_node())
+    return node.get_input_size() > 0 and all(
+        _constant(node.input_value(i).get_node()) for i in range(node.get_input_size()))
 
 
 def float_operations(model) -> dict[str, int]:
@@ -126,6 +131,9 @@ def float_operations(model) -> dict[str, int]:
         if kind in _NOT_ARITHMETIC or op.get_output_element_type(0).is_integral():
             continue
         data = [op.input_value(i).get_node() for i in range(min(op.get_input_size(), 2))]
+        if kind in ("Add", "Multiply") and len([n for n in data if _constant(n)]) == 1 and any(
+                n.get_type_name().endswith("Convolution") for n in data):
+            continue  # a bias or scale after a convolution: part of that convolution's kernel
         data = [n for n in data if not _constant(n)]
         if data and not all(_fed_by_fake_quantize(n) for n in data):
             counts[kind] = counts.get(kind, 0) + 1
