@@ -43,7 +43,8 @@ def test_image_colours_are_the_palette_of_the_prediction(ckpt, tmp_path):
     with torch.inference_mode():
         pred = model(normalise(rgb, [0.5] * 3, [0.25] * 3)).argmax(1)[0].numpy()
     expected = make_palette(4)[pred]
-    assert (out[:, 110:] == expected).all(-1).mean() > 0.999
+    # auto may choose a reduced precision: only one agreeing with fp32 on >= 99.5% of the pixels
+    assert (out[:, 110:] == expected).all(-1).mean() >= 0.995
 
 
 def test_folder_of_images_and_seed_spelling(ckpt, tmp_path):
@@ -55,6 +56,7 @@ def test_folder_of_images_and_seed_spelling(ckpt, tmp_path):
                            "overlay", "--device", "cpu"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("runtime auto chose ") == 1  # said once, after the first image
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0.png", "1.png"]
     assert cv2.imread(str(tmp_path / "o" / "0.png")).shape == (70, 110, 3)
 

@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript", reason="exporting ONNX needs onnxscript")
 quantize = load_tool("quantize")
 
 
-def test_int8_graph_agrees_with_fp32_on_toy_images(tmp_path):
+def _toy_and_checkpoint(tmp_path):
     root = generate_toy_cityscapes(tmp_path / "toy", n_train=6, n_val=2, height=64, width=128,
                                    seed=2)
     torch.manual_seed(0)
@@ -26,9 +26,21 @@ def test_int8_graph_agrees_with_fp32_on_toy_images(tmp_path):
     model.eval()
     ckpt = tmp_path / "model_final.pth"
     torch.save(model.state_dict(), ckpt)
+    return root, model, ckpt
+
+
+def _toy_val_images(root):
+    for image_path in sorted((root / "leftImg8bit" / "val").rglob("*.png")):
+        rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1] / 255.0
+        x = ((rgb - np.asarray(MEAN)) / np.asarray(STD)).transpose(2, 0, 1)[None]
+        yield np.ascontiguousarray(x, np.float32)
+
+
+def test_int8_graph_agrees_with_fp32_on_toy_images(tmp_path):
+    root, model, ckpt = _toy_and_checkpoint(tmp_path)
     summary = quantize.main(["--ckpt", str(ckpt), "--data-root", str(root), "--calib-images",
-                             "4", "--bench-size", "64", "128", "--repeats", "1"])
-    assert set(summary) == {"miou_fp32", "miou_int8", "latency_ratio"}
+                             "4", "--bench-size", "64", "128", "--repeats", "1",
+                             "--format", "onnx"])
     path = tmp_path / "model_final.int8.onnx"
     graph = onnx.load(str(path))
     ops = [node.op_type for node in graph.graph.node]
@@ -47,13 +59,54 @@ def test_int8_graph_agrees_with_fp32_on_toy_images(tmp_path):
         pytest.skip("int8 agreement needs a CPU with VNNI (avx512_vnni or avx_vnni) or amx_int8")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     agree, total = 0, 0
-    for image_path in sorted((root / "leftImg8bit" / "val").rglob("*.png")):
-        rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1] / 255.0
-        x = ((rgb - np.asarray(MEAN)) / np.asarray(STD)).transpose(2, 0, 1)[None]
-        x = np.ascontiguousarray(x, np.float32)
+    for x in _toy_val_images(root):
         with torch.inference_mode():
             want = model(torch.from_numpy(x)).argmax(1).numpy()
         got = session.run(None, {"images": x})[0].argmax(1)
         agree += int((got == want).sum())
         total += want.size
     assert agree / total >= 0.9  # random weights: small logit margins, yet few flips
+    assert set(summary) == {"miou_fp32", "miou_int8", "latency_ratio"}
+
+
+def test_nncf_int8_ir_is_int8_keeps_resizes_float_and_agrees_with_fp32(tmp_path, capsys):
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    root, model, ckpt = _toy_and_checkpoint(tmp_path)
+    summary = quantize.main(["--ckpt", str(ckpt), "--data-root", str(root), "--calib-images",
+                             "4", "--bench-size", "64", "128", "--repeats", "1"])
+    path = tmp_path / "model_final.int8.xml"
+    ir = ov.Core().read_model(str(path))
+    ops = list(ir.get_ops())
+    convs = [op for op in ops if op.get_type_name() in ("Convolution", "GroupConvolution")]
+
+    def weights_quantised(node) -> bool:
+        # int8 constants decompressed (Convert, Multiply), or float ones fake-quantised
+        # (depth-wise weights), which OpenVINO turns into int8 when compiling
+        while node.get_type_name() not in ("Constant", "FakeQuantize"):
+            node = node.input_value(0).get_node()
+        return (node.get_type_name() == "FakeQuantize"
+                or node.get_output_element_type(0) == ov.Type.i8)
+
+    assert len(convs) > 40
+    assert all(weights_quantised(conv.input_value(1).get_node()) for conv in convs)
+    fake_quantized = [op for op in ops if op.get_type_name() == "FakeQuantize"]
+    assert len(fake_quantized) >= 40
+    consumers = {target.get_node().get_type_name() for fq in fake_quantized
+                 for target in fq.output(0).get_target_inputs()}
+    assert "Interpolate" not in consumers  # resizes get float inputs
+    assert "operations left in float: " in capsys.readouterr().out
+
+    compiled = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    agree, total = 0, 0
+    for x in _toy_val_images(root):
+        with torch.inference_mode():
+            want = model(torch.from_numpy(x)).argmax(1).numpy()
+        got = compiled({0: x})[compiled.output(0)].argmax(1)
+        agree += int((got == want).sum())
+        total += want.size
+    # Known shortfall: on this random-weight model NNCF's IR agreed on 71% of the pixels where
+    # ONNX Runtime's QDQ graph (the test above) agrees on >= 90%; not yet explained (NNCF also
+    # quantises additions, pooling and the stem's concat). This bound only catches a broken graph.
+    assert agree / total >= 0.6
+    assert set(summary) == {"miou_fp32", "miou_int8", "latency_ratio"}

@@ -43,11 +43,15 @@ from lib.models.zoo import model_names
 
 
 def export(model: nn.Module, path: pathlib.Path, fmt: str, argmax: bool = False,
-           size: Sequence[int] = (64, 128)) -> pathlib.Path:
-    """Write ``model`` (training or inference form) to ``path`` in ``fmt`` (one of FORMATS)."""
+           size: Sequence[int] = (64, 128), device: str = "cpu") -> pathlib.Path:
+    """Write ``model`` (training or inference form) to ``path`` in ``fmt`` (one of FORMATS);
+    ``device`` matters for pt2 only (the others are portable graphs)."""
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return EXPORTERS[fmt](model, path, argmax=argmax, size=tuple(size))
+    if fmt != "pt2" and device != "cpu":
+        raise ValueError(f"--device {device} applies to --format pt2 only")
+    extra = {"device": device} if fmt == "pt2" else {}
+    return EXPORTERS[fmt](model, path, argmax=argmax, size=tuple(size), **extra)
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
@@ -63,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     parser.add_argument("--argmax", action="store_true", help="output labels instead of logits")
     parser.add_argument("--size", nargs=2, type=int, default=[64, 128], metavar=("H", "W"),
                         help="example input size for tracing (sizes stay dynamic)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="pt2 only: compile the package for this device")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip running the written file against the eager model")
     args = parser.parse_args(argv)
@@ -76,14 +82,16 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     source = pathlib.Path("res" if published_entry(args.ckpt) else "", args.ckpt)
     output = pathlib.Path(args.output or source.with_suffix(SUFFIXES[args.format]))
     try:
-        export(model, output, args.format, args.argmax, args.size)
+        export(model, output, args.format, args.argmax, args.size, args.device)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     except ImportError as exc:
         raise SystemExit(f"error: --format {args.format} needs the {exc.name!r} package "
                          f"(pip install {exc.name})") from None
     print(f"wrote {output}")
     if args.verify:
         try:
-            checks = verify(model, args.format, output, args.argmax)
+            checks = verify(model, args.format, output, args.argmax, args.device)
         except RuntimeUnavailable as exc:
             raise SystemExit(f"error: cannot check {output}: {exc}; --no-verify skips the "
                              "check") from None

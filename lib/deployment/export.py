@@ -44,11 +44,12 @@ def exportable(model: nn.Module, argmax: bool = False) -> nn.Module:
     return (WithArgmax(module) if argmax else module).eval()
 
 
-def export_program(model: nn.Module, argmax: bool = False, size: tuple[int, int] = (64, 128)
-                   ) -> torch.export.ExportedProgram:
-    """``torch.export`` of the inference form with dynamic batch, height and width."""
-    module = exportable(model, argmax)
-    example = torch.randn(2, 3, *size)
+def export_program(model: nn.Module, argmax: bool = False, size: tuple[int, int] = (64, 128),
+                   device: torch.device | str = "cpu") -> torch.export.ExportedProgram:
+    """``torch.export`` of the inference form with dynamic batch, height and width, traced on
+    ``device`` (what an AOTInductor package is compiled for)."""
+    module = exportable(model, argmax).to(device)
+    example = torch.randn(2, 3, *size, device=device)
     dynamic = ({0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC},)
     with torch.no_grad():
         return torch.export.export(module, (example,), dynamic_shapes=dynamic)
@@ -102,12 +103,13 @@ def export_openvino(model: nn.Module, path: str | Path, argmax: bool = False,
 
 
 def export_pt2(model: nn.Module, path: str | Path, argmax: bool = False,
-               size: tuple[int, int] = (64, 128)) -> Path:
-    """Write an AOTInductor package: compiled C++ for this machine's CPU (or CUDA), loadable
-    with ``torch._inductor.aoti_load_package(path)`` and nothing of this repository."""
+               size: tuple[int, int] = (64, 128), device: torch.device | str = "cpu") -> Path:
+    """Write an AOTInductor package: compiled C++ for this machine's CPU, or CUDA kernels with
+    ``device="cuda"`` (the package then takes and returns CUDA tensors), loadable with
+    ``torch._inductor.aoti_load_package(path)`` and nothing of this repository."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = export_program(model, argmax, size)
+    program = export_program(model, argmax, size, device)
     with _quiet():
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     return path

@@ -55,3 +55,86 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path,
                         calibrate_method=methods[method])
         os.replace(partial, int8_path)
     return int8_path
+
+
+def quantize_openvino(fp32_path: str | Path, xml_path: str | Path,
+                      calibration: Iterable[np.ndarray], subset_size: int = 300) -> Path:
+    """Write the int8 OpenVINO IR of the ONNX graph ``fp32_path`` to ``xml_path`` (weights in
+    the ``.bin`` beside it) with NNCF's post-training quantisation, calibrated on
+    ``calibration`` (normalised float32 [1, 3, H, W] arrays; at most ``subset_size`` are used).
+
+    NNCF's ``MIXED`` preset: weights symmetric per output channel, activations asymmetric per
+    tensor (they follow ReLUs and additions, one-sided), then its fast bias correction. NNCF
+    places FakeQuantize only on the inputs of operations with int8 kernels (convolutions, matrix
+    products, additions and pooling between quantised tensors); resizes (``Interpolate``) are
+    kept float on purpose. ``float_operations`` lists the rest of the graph, which OpenVINO runs
+    at its inference precision.
+    """
+    import nncf
+    import openvino as ov
+
+    samples = [np.ascontiguousarray(batch, np.float32) for batch in calibration]
+    if not samples:
+        raise ValueError("no calibration images")
+    model = ov.Core().read_model(str(fp32_path))
+    # resizes stay float: int8 logits before the final upsampling round close classes together
+    quantized = nncf.quantize(model, nncf.Dataset(samples), preset=nncf.QuantizationPreset.MIXED,
+                              subset_size=min(subset_size, len(samples)),
+                              ignored_scope=nncf.IgnoredScope(types=["Interpolate"]))
+    xml_path = Path(xml_path)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=xml_path.parent) as scratch:  # whole files or none
+        partial = Path(scratch) / xml_path.name
+        ov.save_model(quantized, str(partial))
+        os.replace(partial.with_suffix(".bin"), xml_path.with_suffix(".bin"))
+        os.replace(partial, xml_path)
+    return xml_path
+
+
+# nodes that move or reshape data without arithmetic: a FakeQuantize before them still feeds the
+# operation after them int8 data
+_DATA_MOVEMENT = {"Concat", "Reshape", "Squeeze", "Unsqueeze", "Slice", "StridedSlice",
+                  "VariadicSplit", "Split", "Transpose", "Convert"}
+# bookkeeping (shapes, constants) and ReLU, which OpenVINO fuses into the convolution before it
+_NOT_ARITHMETIC = {"Parameter", "Result", "Constant", "FakeQuantize", "ShapeOf", "Gather",
+                   "Range", "Floor", "Ceiling", "Broadcast", "Relu", *_DATA_MOVEMENT}
+
+
+def _fed_by_fake_quantize(node) -> bool:
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return True
+    if kind in _DATA_MOVEMENT:
+        return all(_fed_by_fake_quantize(node.input_value(i).get_node())
+                   for i in range(node.get_input_size()) if i == 0 or kind == "Concat")
+    return False
+
+
+def _constant(node) -> bool:
+    """A constant, or computed from constants only (e.g. int8 weights decompressed)."""
+    kind = node.get_type_name()
+    if kind == "Constant":
+        return True
+    if kind in _DATA_MOVEMENT:  # a reshaped constant (its target shape may be computed)
+        return _constant(node.input_value(0).get_node())
+    return node.get_input_size() > 0 and all(
+        _constant(node.input_value(i).get_node()) for i in range(node.get_input_size()))
+
+
+def float_operations(model) -> dict[str, int]:
+    """Count, per operation type, the arithmetic operations of an OpenVINO model (int8 IR)
+    whose data input is not int8 (no FakeQuantize before it): those run in float. Shape
+    arithmetic (integer outputs) and weight decompression (constant inputs) are left out."""
+    counts: dict[str, int] = {}
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind in _NOT_ARITHMETIC or op.get_output_element_type(0).is_integral():
+            continue
+        data = [op.input_value(i).get_node() for i in range(min(op.get_input_size(), 2))]
+        if kind in ("Add", "Multiply") and len([n for n in data if _constant(n)]) == 1 and any(
+                n.get_type_name().endswith("Convolution") for n in data):
+            continue  # a bias or scale after a convolution: part of that convolution's kernel
+        data = [n for n in data if not _constant(n)]
+        if data and not all(_fed_by_fake_quantize(n) for n in data):
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))

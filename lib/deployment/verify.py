@@ -42,7 +42,8 @@ class Check:
                 f"{100 * self.agreement:.3f}% of pixels")
 
 
-def loader(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+def loader(fmt: str, path: Path, device: torch.device | str = "cpu"
+           ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The written file, loaded by its runtime (which imports its own package)."""
     if fmt == "onnx":
         return OnnxRuntime(path)
@@ -51,14 +52,16 @@ def loader(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     package = torch._inductor.aoti_load_package(str(path))
 
     def run(images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return package(images)
+        with torch.inference_mode():  # a CUDA package takes and returns CUDA tensors
+            return package(images.to(device)).to(images.device)
     return run
 
 
-def verify(model: nn.Module, fmt: str, path: Path, argmax: bool) -> list[Check]:
-    """Run the exported file against the eager eval-mode ``model`` at ``CHECK_SHAPES``."""
-    run = loader(fmt, path)
+def verify(model: nn.Module, fmt: str, path: Path, argmax: bool,
+           device: torch.device | str = "cpu") -> list[Check]:
+    """Run the exported file (on ``device``: pt2) against the eager eval-mode ``model`` on the
+    CPU at ``CHECK_SHAPES``."""
+    run = loader(fmt, path, device)
     model = getattr(model, "module", model).cpu().eval()
     checks = []
     for shape in CHECK_SHAPES:

@@ -1,4 +1,9 @@
-"""OpenVINO on the CPU, compiling the ONNX graph (or IR) once with dynamic shapes, in fp32."""
+"""OpenVINO on the CPU, compiling the ONNX graph (or IR) once with dynamic shapes.
+
+``precision`` sets the arithmetic of the float parts: fp32, or bf16 (CPUs with AVX512-BF16 or
+AMX). An int8 graph (NNCF's IR or a QDQ ONNX graph) runs its quantised operations in int8
+whatever the precision; its float remainder follows ``precision``.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,13 @@ from lib.deployment.runtimes.base import Runtime, threads
 class OpenVinoRuntime(Runtime):
     name = "openvino"
     package = "openvino"
+    precisions = ("fp32", "bf16")
 
-    def __init__(self, model_path: str | Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model_path: str | Path, device: torch.device | str = "cpu",
+                 precision: str = "fp32") -> None:
         super().__init__(device)
-        self.check(self.device)
+        self.check(self.device, precision)
+        self.precision = precision
         import openvino as ov
 
         self.path = Path(model_path)
@@ -25,7 +33,7 @@ class OpenVinoRuntime(Runtime):
         core = ov.Core()
         config = {
             # without it OpenVINO runs bf16 on CPUs with AMX/AVX512-BF16: not the same arithmetic
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": threads(),
         }
@@ -38,4 +46,4 @@ class OpenVinoRuntime(Runtime):
         return torch.from_numpy(np.array(result[self.compiled.output(0)]))
 
     def extra_repr(self) -> str:
-        return f"path={self.path.name}, threads={threads()}"
+        return f"path={self.path.name}, precision={self.precision}, threads={threads()}"
