@@ -1,4 +1,5 @@
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,17 @@ def _private_onnx_cache(tmp_path_factory):
         del os.environ["BISENET_CACHE"]
     else:
         os.environ["BISENET_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigchld_handler():
+    """Each test leaves the SIGCHLD handler as it found it. torch's DataLoader with workers
+    installs one in the process for good; a later test's subprocess exiting then ran it, which
+    crashed the test process (SIGSEGV) once OpenVINO was loaded in it (test_decoded_cache, then
+    test_demo)."""
+    previous = signal.getsignal(signal.SIGCHLD)
+    yield
+    signal.signal(signal.SIGCHLD, previous)
 
 
 @pytest.fixture(scope="session")
