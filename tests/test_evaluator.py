@@ -40,15 +40,13 @@ from lib.evaluation.evaluator import (
     EvalOptions,
     PredictionWriter,
     centred_padding,
-    confusion_matrix,
     crop_windows,
     evaluate,
-    format_iou_table,
-    iou_from_confusion,
     predict_scores,
     start_size,
     whole_image_size,
 )
+from lib.evaluation.metrics import confusion_matrix, format_iou_table, iou_from_confusion
 from lib.models.zoo import build_model
 from tests.test_models import expected_layout, random_state_from_listing
 

@@ -15,7 +15,7 @@ from sklearn.metrics import accuracy_score, f1_score, jaccard_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from lib.data.toy_cityscapes import generate_toy_cityscapes
-from lib.evaluation.evaluator import confusion_matrix, format_iou_table, segmentation_metrics
+from lib.evaluation.metrics import confusion_matrix, format_iou_table, segmentation_metrics
 from lib.models.checkpoint import save_checkpoint
 from lib.models.zoo import build_model
 

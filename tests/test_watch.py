@@ -32,7 +32,8 @@ from lib.common.visualize import LEGEND_SWATCH, prediction_panel
 from lib.data.dataset import build_dataset
 from lib.data.datasets.cityscapes import CLASS_NAMES
 from lib.deployment.inference import to_inference_form
-from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
+from lib.evaluation.evaluator import EvalOptions, evaluate
+from lib.evaluation.metrics import iou_from_confusion
 from lib.models.checkpoint import load_checkpoint, load_model
 from lib.models.zoo import build_model
 from lib.training.config import TrainConfig

@@ -26,7 +26,8 @@ from tabulate import tabulate
 from lib.data.dataset import build_dataset
 from lib.data.imbalanced_toy import IMBALANCED_CLASSES, write_imbalanced_toy
 from lib.deployment.inference import to_inference_form
-from lib.evaluation.evaluator import EvalOptions, evaluate, segmentation_metrics
+from lib.evaluation.evaluator import EvalOptions, evaluate
+from lib.evaluation.metrics import segmentation_metrics
 from lib.models.checkpoint import load_model
 from lib.training.config import TrainConfig, parse_config
 

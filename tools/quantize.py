@@ -37,7 +37,8 @@ from lib.deployment.quantize import float_operations, quantize_onnx, quantize_op
 from lib.deployment.runtimes import RUNTIMES, RuntimeUnavailable, onnx_graph
 from lib.deployment.runtimes.torch_eager import TorchRuntime, cpu_has_native_bf16
 from lib.evaluation.command import decide_dataset
-from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
+from lib.evaluation.evaluator import EvalOptions, evaluate
+from lib.evaluation.metrics import iou_from_confusion
 from lib.models.checkpoint import CheckpointError, default_checkpoint, load_model
 from lib.models.zoo import model_names
 from tools.benchmark_speed import measure

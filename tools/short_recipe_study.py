@@ -63,7 +63,8 @@ from lib.data.config import DataConfig
 from lib.data.dataset import build_dataset
 from lib.data.datasets.cityscapes import LABEL_ID_TO_TRAIN_ID, MEAN, STD, find_cityscapes_pairs
 from lib.data.toy_cityscapes import colour_baseline_miou, generate_toy_cityscapes
-from lib.evaluation.evaluator import EvalOptions, evaluate, iou_from_confusion
+from lib.evaluation.evaluator import EvalOptions, evaluate
+from lib.evaluation.metrics import iou_from_confusion
 from lib.models.checkpoint import load_checkpoint
 from lib.training.loss import OhemCrossEntropy
 

@@ -30,15 +30,8 @@ from lib.deployment.runtimes import (
     build_runtime,
     int8_model_for,
 )
-from lib.evaluation.evaluator import (
-    MODES,
-    EvalOptions,
-    PredictionWriter,
-    SegmentationMetrics,
-    evaluate,
-    format_iou_table,
-    segmentation_metrics,
-)
+from lib.evaluation.evaluator import MODES, EvalOptions, PredictionWriter, evaluate
+from lib.evaluation.metrics import SegmentationMetrics, format_iou_table, segmentation_metrics
 from lib.models.checkpoint import CheckpointError, default_checkpoint, load_model
 from lib.models.published import NAMES_HELP
 from lib.models.zoo import model_names, variant

@@ -16,7 +16,8 @@ from lib.common.log import interactive
 from lib.data.dataset import build_dataset
 from lib.deployment.examples import save_example_prediction
 from lib.deployment.inference import to_inference_form
-from lib.evaluation.evaluator import evaluate, format_iou_table, segmentation_metrics
+from lib.evaluation.evaluator import evaluate
+from lib.evaluation.metrics import format_iou_table, segmentation_metrics
 from lib.models.checkpoint import save_checkpoint
 from lib.training.monitor import EventLog
 from lib.training.runs import FINAL_NAME

@@ -22,12 +22,8 @@ from lib.common import distributed
 from lib.common.log import interactive
 from lib.deployment.examples import example_panel
 from lib.deployment.inference import to_inference_form
-from lib.evaluation.evaluator import (
-    EvalOptions,
-    SegmentationMetrics,
-    evaluate,
-    segmentation_metrics,
-)
+from lib.evaluation.evaluator import EvalOptions, evaluate
+from lib.evaluation.metrics import SegmentationMetrics, segmentation_metrics
 from lib.models.checkpoint import save_checkpoint
 from lib.training.monitor import EventLog
 
