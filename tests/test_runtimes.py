@@ -119,7 +119,7 @@ def test_auto_keeps_the_runtime_measured_fastest_per_shape(model, slow, one_thre
     x = torch.randn(1, 3, 40, 72)
     with torch.inference_mode():
         want = model(x)
-    # the torch runtime's inference form (folded BatchNorm): float32 rounding, as in test_deploy
+    # the torch runtime's inference form (folded BatchNorm): float32 rounding, as in test_inference
     assert torch.allclose(auto(x), want, rtol=0, atol=1e-4 * want.abs().max().item())
     fast = "second" if slow == "first" else "first"
     assert auto.chosen == {shape_class(x.shape): fast}

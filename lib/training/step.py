@@ -1,7 +1,7 @@
 """How the training step is executed: memory format, ``torch.compile``, cuDNN autotuning.
 
 None of these options changes what is computed (the losses equal those of the eager, contiguous
-fp32 step to float rounding; tests/test_train_step.py, tests/test_cuda.py), only how fast.
+fp32 step to float rounding; tests/test_step.py, tests/test_cuda_step.py), only how fast.
 ``tools/benchmark_train.py`` measures every variant side by side on a device. The defaults per
 device (``STEP_DEFAULTS``), each overridden by its option:
 
