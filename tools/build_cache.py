@@ -16,33 +16,23 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
 import logging
-import multiprocessing
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
 
 from lib.common.log import setup_logging
 from lib.data.cache import attach_cache
-from lib.data.dataset import build_dataset, worker_init
+from lib.data.dataset import build_dataset
 from lib.training.config import TrainConfig, parse_config
 from lib.training.pipeline import auto_num_workers
-
-_dataset = None  # the dataset of the pool's processes (inherited, or set by _init)
-
-
-def _init(dataset) -> None:
-    global _dataset
-    _dataset = dataset
-    worker_init(0)
-
-
-def _build(index: int) -> None:
-    _dataset.decoded_cache.load(index, _dataset)
 
 
 def main(argv=None) -> pathlib.Path:
     pre = argparse.ArgumentParser(description=__doc__, add_help=False,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     pre.add_argument("--jobs", type=int, default=0,
-                     help="processes decoding at once (default: the CPUs this process may use)")
+                     help="threads decoding at once (default: the CPUs this process may use)")
     pre.add_argument("-h", "--help", action="store_true")
     known, rest = pre.parse_known_args(argv)
     if known.help:
@@ -63,12 +53,15 @@ def main(argv=None) -> pathlib.Path:
         raise SystemExit("error: no room for the cache (see the warning above)")
     jobs = known.jobs or auto_num_workers()[0] + 1
     tic = time.perf_counter()
-    with multiprocessing.Pool(jobs, initializer=_init, initargs=(dataset,)) as pool:
-        for done, _ in enumerate(pool.imap_unordered(_build, range(len(dataset)), chunksize=4),
-                                 start=1):
+    # threads, not processes: decoding (OpenCV) and writing release the GIL, and a pool of
+    # forked or spawned processes could hang when one of them died
+    cv2.setNumThreads(1)
+    with ThreadPoolExecutor(jobs) as pool:
+        for done, _ in enumerate(pool.map(lambda index: cache.load(index, dataset),
+                                          range(len(dataset))), start=1):
             if done % 100 == 0 or done == len(dataset):
                 log.info("%d/%d samples (%.1f s)", done, len(dataset), time.perf_counter() - tic)
-    log.info("%s; built in %.1f s with %d processes", cache.survey().describe(),
+    log.info("%s; built in %.1f s with %d threads", cache.survey().describe(),
              time.perf_counter() - tic, jobs)
     return cache.folder
 
