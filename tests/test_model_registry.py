@@ -153,7 +153,8 @@ def test_a_variant_outside_the_repository_trains_resumes_evaluates_and_exports(
     trained_miou = MIOU.findall(log)
     out = _run(["evaluate.py", "--ckpt", str(whole / "model_final.pth"), "--data-root",
                 str(toy_root), "--device", "cpu", "--num-workers", "0"], variant_dir)
-    assert trained_miou and MIOU.findall(out) == trained_miou[-1:]
+    # (the first mIoU row of each: the per-class table; the scores table repeats it)
+    assert trained_miou and MIOU.findall(out)[:1] == trained_miou[:1]
 
     # the ONNX export, run by ONNX Runtime here, gives the eager model's logits
     onnx_path = tmp_path / "tiny.onnx"
