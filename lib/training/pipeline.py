@@ -113,11 +113,14 @@ def build_train_loader(cfg: TrainConfig, dataset: SegmentationDataset, sampler: 
     else:
         workers, why = cfg.num_workers, "--num-workers"
     prefetch = max(2, math.ceil(MIN_BATCHES_IN_FLIGHT / workers)) if workers else None
+    # not persistent_workers: the sampler is infinite, so one iterator serves the whole run, and
+    # a loader keeping it alive (what persistent workers do) left the process waiting for its
+    # workers at exit
     loader = DataLoader(
         # --accumulate: each batch is one micro-batch of this process's share
         dataset, batch_size=cfg.batch_size // world_size // cfg.accumulate, sampler=sampler,
         num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
-        worker_init_fn=worker_init, persistent_workers=workers > 0, prefetch_factor=prefetch,
+        worker_init_fn=worker_init, prefetch_factor=prefetch,
     )
     logger.info(
         "data loading: %d worker(s) (%s)%s%s; decoded-image cache %s; normalisation on %s",
