@@ -1,5 +1,7 @@
 """int8 quantisation: the graph is really int8, runs, and predicts what the fp32 model does."""
 
+import importlib.util
+
 import cv2
 import numpy as np
 import pytest
@@ -29,6 +31,22 @@ def _toy_and_checkpoint(tmp_path):
     return root, model, ckpt
 
 
+def _openvino_agreement(graph_path, model, root) -> float:
+    """Share of toy val pixels where OpenVINO's int8 run of ``graph_path`` (float remainder in
+    fp32) predicts the fp32 model's class."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(graph_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    agree, total = 0, 0
+    for x in _toy_val_images(root):
+        with torch.inference_mode():
+            want = model(torch.from_numpy(x)).argmax(1).numpy()
+        got = compiled({0: x})[compiled.output(0)].argmax(1)
+        agree += int((got == want).sum())
+        total += want.size
+    return agree / total
+
+
 def _toy_val_images(root):
     for image_path in sorted((root / "leftImg8bit" / "val").rglob("*.png")):
         rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1] / 255.0
@@ -49,6 +67,14 @@ def test_int8_graph_agrees_with_fp32_on_toy_images(tmp_path):
     assert convs > 40 and ops.count("DequantizeLinear") >= 2 * convs
     int8_weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) >= convs
+    # the aggregation layer's padded average pooling reads the float tensor, not a
+    # DequantizeLinear: OpenVINO would run it on uint8 with the wrong padding value
+    producer = {out: node.op_type for node in graph.graph.node for out in node.output}
+    pools = [node for node in graph.graph.node if node.op_type == "AveragePool"]
+    assert pools and all(producer[pool.input[0]] != "DequantizeLinear" for pool in pools)
+    if importlib.util.find_spec("openvino") is not None:
+        # OpenVINO runs the same QDQ graph; with the pooling on uint8 this was 69%
+        assert _openvino_agreement(path, model, root) >= 0.9
 
     # ONNX Runtime runs these uint8 x int8 convolutions exactly (int32 sums) with VNNI or AMX;
     # without them (SSE4.1, AVX2, AVX-512 without VNNI) it uses VPMADDUBSW, whose int16 pair
@@ -97,16 +123,12 @@ def test_nncf_int8_ir_is_int8_keeps_resizes_float_and_agrees_with_fp32(tmp_path,
     assert "Interpolate" not in consumers  # resizes get float inputs
     assert "operations left in float: " in capsys.readouterr().out
 
-    compiled = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    agree, total = 0, 0
-    for x in _toy_val_images(root):
-        with torch.inference_mode():
-            want = model(torch.from_numpy(x)).argmax(1).numpy()
-        got = compiled({0: x})[compiled.output(0)].argmax(1)
-        agree += int((got == want).sum())
-        total += want.size
-    # Known shortfall: on this random-weight model NNCF's IR agreed on 71% of the pixels where
-    # ONNX Runtime's QDQ graph (the test above) agrees on >= 90%; not yet explained (NNCF also
-    # quantises additions, pooling and the stem's concat). This bound only catches a broken graph.
-    assert agree / total >= 0.6
+    # the padded average pooling stays float (OpenVINO's int8 pooling pads with the bottom of an
+    # asymmetric range: with it quantised this model agreed on 70% of the pixels)
+    pools = [op for op in ops if op.get_type_name() == "AvgPool"]
+    assert pools and "FakeQuantize" not in {
+        pool.input_value(0).get_node().get_type_name() for pool in pools}
+    # random weights: small logit margins, yet few flips (measured 96.6%; 69.5% with the
+    # pooling quantised)
+    assert _openvino_agreement(path, model, root) >= 0.9
     assert set(summary) == {"miou_fp32", "miou_int8", "latency_ratio"}
