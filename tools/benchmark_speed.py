@@ -6,7 +6,8 @@ batch already on the device, plus the final bilinear upsampling of the logits an
 Not timed: reading and decoding images, resizing the input, normalisation, copies to the device.
 
 The roofline (``lib/deployment/roofline.py``): the script first measures, on the same device, the
-matrix-product peak of every precision it runs (a large ``torch.mm``; int8: ``torch._int_mm``)
+matrix-product peak of every precision it runs (a large ``torch.mm``; int8 on the CPU: ONNX
+Runtime's ``MatMulInteger``, on CUDA ``torch._int_mm``)
 and the memory bandwidth (a large copy, bytes read + written). Each model's FLOPs
 (``FlopCounterMode``: convolutions and matrix products) and bytes moved (a dispatch mode summing
 every ATen operation's input, weight and output bytes; views excluded; unfused, so an upper bound)

@@ -10,10 +10,12 @@ evaluation). ``--format openvino`` (default): NNCF quantises the OpenVINO model 
 channel, FakeQuantize before every operation with an int8 kernel; resizes kept float) and writes
 IR to ``--output`` (default: next to the checkpoint, ``<name>.int8.xml``, where ``--runtime auto``
 of demo.py and evaluate.py finds it). ``--format onnx``: ONNX Runtime's QDQ graph
-(``<name>.int8.onnx``). Then the fp32 model (PyTorch) and the int8 model are evaluated
-single-scale on the validation split, and the latency of every fp32, bf16 (CPUs with native bf16)
-and int8 form is measured at ``--bench-size`` (batch 1; forward + arg-max). The goal line: int8 at
-most 0.5x the best fp32 latency, faster than the best bf16, with at most 0.5 mIoU points lost.
+(``<name>.int8.onnx``, evaluated under both ONNX Runtime and OpenVINO, whose int8 arithmetic
+differs). Then the fp32 model (PyTorch) and each int8 form are evaluated single-scale on the
+validation split, and the latency of every fp32, bf16 (CPUs with native bf16) and int8 form is
+measured at ``--bench-size`` (batch 1; forward + arg-max). The goal line, judged on the fastest
+int8 form: at most 0.5x the best fp32 latency, faster than the best bf16, with at most 0.5 mIoU
+points lost.
 """
 
 from __future__ import annotations
@@ -138,17 +140,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         kept = float_operations(ov.Core().read_model(str(output)))
         print("operations left in float: " + ", ".join(f"{n} {k}" for k, n in kept.items()))
-    int8_key = next(k for k in reversed(runtimes) if k[1].startswith("int8"))
-    summary: dict = {}
+    int8_keys = [k for k in runtimes if k[1].startswith("int8")]
+    int8_miou: dict[tuple[str, str], float] = {}
     if args.eval:
+        # every int8 form: the same QDQ graph rounds differently under ONNX Runtime and OpenVINO
         val = build_dataset(data, "val")
-        summary["miou_fp32"] = miou(runtimes["torch", "fp32"], val, data.n_classes,
-                                    data.ignore_index)
-        summary["miou_int8"] = miou(runtimes[int8_key], val, data.n_classes, data.ignore_index)
-        print(f"mIoU (ss, {len(val)} {data.dataset} val images): fp32 (torch) "
-              f"{summary['miou_fp32']:.2f}, int8 ({' '.join(int8_key)}) "
-              f"{summary['miou_int8']:.2f}, change "
-              f"{summary['miou_int8'] - summary['miou_fp32']:+.2f} points")
+        fp32_miou = miou(runtimes["torch", "fp32"], val, data.n_classes, data.ignore_index)
+        for key in int8_keys:
+            int8_miou[key] = miou(runtimes[key], val, data.n_classes, data.ignore_index)
+            print(f"mIoU (ss, {len(val)} {data.dataset} val images): fp32 (torch) "
+                  f"{fp32_miou:.2f}, int8 ({' '.join(key)}) {int8_miou[key]:.2f}, change "
+                  f"{int8_miou[key] - fp32_miou:+.2f} points")
 
     size = tuple(args.bench_size)
     latency = {key: measure(runtime, size, size, 1, cpu, warmup=2,
@@ -161,14 +163,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"{args.repeats}):")
     print(tabulate(rows, headers=["runtime", "precision", "latency (ms)", "x best fp32"],
                    tablefmt="github"))
-    summary["latency_ratio"] = best["int8"] / best["fp32"]
+    fastest_int8 = min(int8_keys, key=latency.__getitem__)
+    summary: dict = {"latency_ratio": best["int8"] / best["fp32"]}
+    if args.eval:
+        summary["miou_fp32"], summary["miou_int8"] = fp32_miou, int8_miou[fastest_int8]
     fast = summary["latency_ratio"] <= MAX_LATENCY_RATIO and (
         best["bf16"] is None or best["int8"] < best["bf16"])
-    accurate = not args.eval or summary["miou_fp32"] - summary["miou_int8"] <= MAX_MIOU_LOSS
+    accurate = not args.eval or fp32_miou - int8_miou[fastest_int8] <= MAX_MIOU_LOSS
     print(f"goal (<= {MAX_LATENCY_RATIO}x the best fp32 latency and faster than bf16, "
-          f"<= {MAX_MIOU_LOSS} mIoU points lost): {'met' if fast and accurate else 'not met'} "
-          f"(best int8 {summary['latency_ratio']:.2f}x fp32"
-          + ("" if best["bf16"] is None else f", {best['int8'] / best['bf16']:.2f}x bf16") + ")")
+          f"<= {MAX_MIOU_LOSS} mIoU points lost), judged on the fastest int8 form "
+          f"({' '.join(fastest_int8)}): {'met' if fast and accurate else 'not met'} "
+          f"({summary['latency_ratio']:.2f}x the best fp32"
+          + ("" if best["bf16"] is None else f", {best['int8'] / best['bf16']:.2f}x bf16")
+          + ("" if not args.eval else f", {int8_miou[fastest_int8] - fp32_miou:+.2f} mIoU")
+          + ")")
     return summary
 
 

@@ -6,7 +6,11 @@ memory traffic at the device's copy bandwidth::
     roofline time = max(FLOPs / peak of that precision, bytes moved / bandwidth)
 
 * ``matmul_peak``: FLOP/s of a large square matrix product in the given precision (fp32, bf16,
-  fp16: ``torch.mm``; int8: ``torch._int_mm``, int8 x int8 -> int32), best of a few runs.
+  fp16: ``torch.mm``), best of a few runs. int8 on the CPU: ONNX Runtime's ``MatMulInteger``
+  (uint8 x int8 -> int32), the kernels its int8 graphs run, which use VNNI or AMX where the CPU
+  has them and AVX2's multiply-add pairs otherwise (``torch._int_mm`` has no vectorised CPU
+  kernel there: 1.7 GFLOP/s against 330 on an AVX2 CPU); on CUDA, or without ONNX Runtime,
+  ``torch._int_mm`` (int8 x int8 -> int32).
 * ``copy_bandwidth``: bytes/s of copying a large tensor (bytes read + bytes written).
 * ``graph_cost``: FLOPs from ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix
   products, 2 per multiply-add) and bytes moved counted per ATen operation by a dispatch mode: for
@@ -55,7 +59,9 @@ def matmul_peak(device: torch.device | str, precision: str = "fp32", n: int | No
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 2048)
     dtype = DTYPES[precision]
-    if dtype == torch.int8:
+    if dtype == torch.int8 and device.type == "cpu" and _has_onnxruntime():
+        seconds = _onnxruntime_int8_matmul_seconds(n, repeats)
+    elif dtype == torch.int8:
         a = torch.randint(-127, 128, (n, n), dtype=dtype, device=device)
         b = torch.randint(-127, 128, (n, n), dtype=dtype, device=device)
         seconds = _best_seconds(lambda: torch._int_mm(a, b), device, repeats)
@@ -64,6 +70,35 @@ def matmul_peak(device: torch.device | str, precision: str = "fp32", n: int | No
         b = torch.randn(n, n, device=device, dtype=dtype)
         seconds = _best_seconds(lambda: torch.mm(a, b), device, repeats)
     return 2 * n**3 / seconds
+
+
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def _onnxruntime_int8_matmul_seconds(n: int, repeats: int) -> float:
+    """Best time of an n x n uint8 x int8 -> int32 ``MatMulInteger`` in ONNX Runtime (CPU)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "int8_matmul",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+         helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as the benchmark's runtimes
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    inputs = {"a": rng.integers(0, 256, (n, n), dtype=np.uint8),
+              "b": rng.integers(-127, 128, (n, n), dtype=np.int8)}
+    return _best_seconds(lambda: session.run(None, inputs), torch.device("cpu"), repeats)
 
 
 def copy_bandwidth(device: torch.device | str, mib: int | None = None, repeats: int = 5
