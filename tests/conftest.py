@@ -34,6 +34,17 @@ def _restore_sigchld_handler():
     signal.signal(signal.SIGCHLD, previous)
 
 
+@pytest.fixture
+def one_thread():
+    """PyTorch on one thread for the test: a tiny input runs short and steady on a busy machine,
+    and a CPU convolution's rounding depends on how many threads split its sums, so a test that
+    compares with a one-thread process (torchrun's ranks) computes on one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def make_toy(tmp_path_factory) -> Callable[..., Path]:
     """``make_toy(n_train, n_val, height, width)``: a toy Cityscapes of that size, written once

@@ -102,15 +102,6 @@ class _Delayed(TorchRuntime):
         return super()._run(images)
 
 
-@pytest.fixture
-def one_thread():
-    # a tiny input: one thread keeps the run short and steady on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("slow", ["first", "second"])
 def test_auto_keeps_the_runtime_measured_fastest_per_shape(model, slow, one_thread):
     delays = {"first": 0.0, "second": 0.0, slow: 1.5}  # far above the run's own time

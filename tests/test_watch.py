@@ -145,8 +145,9 @@ def test_validation_keeps_the_best_model_of_the_logged_mious(watched_run, toy_ro
     cfg = TrainConfig().replace(data_root=str(toy_root))
     conf = evaluate(to_inference_form(model), build_dataset(cfg.data, "val"), 19,
                     EvalOptions(modes=("ss",)), device="cpu", progress=False, num_workers=0)["ss"]
-    # the same weights on the same images and CPU: the same float32 computation and confusion
-    # counts (abs 1e-7 only absorbs the float64 mIoU stored in the checkpoint)
+    # the same weights on the same images, CPU and thread count (the ranks run one thread each):
+    # the same float32 computation and confusion counts (abs 1e-7 only absorbs the float64 mIoU
+    # stored in the checkpoint)
     assert iou_from_confusion(conf)[1] == pytest.approx(best["best_miou"], abs=1e-7)
     # the bookkeeping travels in the resumable checkpoints
     final = load_checkpoint(out / "model_final.pth")
@@ -343,7 +344,7 @@ def test_prediction_panel_pixels_and_legend():
         prediction_panel(image, label[:10], pred, PALETTE, names)
 
 
-def test_two_processes_validate_their_shares_and_rank_0_writes(toy_root, tmp_path):
+def test_two_processes_validate_their_shares_and_rank_0_writes(toy_root, tmp_path, one_thread):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -363,8 +364,9 @@ def test_two_processes_validate_their_shares_and_rank_0_writes(toy_root, tmp_pat
     cfg = TrainConfig().replace(data_root=str(toy_root))
     conf = evaluate(to_inference_form(model), build_dataset(cfg.data, "val"), 19,
                     EvalOptions(modes=("ss",)), device="cpu", progress=False, num_workers=0)["ss"]
-    # the same weights on the same images and CPU: the same float32 computation and confusion
-    # counts (abs 1e-7 only absorbs the float64 mIoU stored in the checkpoint)
+    # the same weights on the same images, CPU and thread count (the ranks run one thread each):
+    # the same float32 computation and confusion counts (abs 1e-7 only absorbs the float64 mIoU
+    # stored in the checkpoint)
     assert iou_from_confusion(conf)[1] == pytest.approx(best["best_miou"], abs=1e-7)
 
 
