@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 from helpers import randomise_batchnorms
-from test_runtimes import _Delayed, model, one_thread  # noqa: F401 (fixtures)
+from test_runtimes import _Delayed, model  # noqa: F401 (fixtures)
 
 from lib.deployment.runtimes import MIN_AGREEMENT, AutoRuntime, auto_candidates, shape_class
 from lib.deployment.runtimes.torch_eager import cpu_has_native_bf16
