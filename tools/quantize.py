@@ -10,12 +10,13 @@ evaluation). ``--format openvino`` (default): NNCF quantises the OpenVINO model 
 channel, FakeQuantize before every operation with an int8 kernel; resizes kept float) and writes
 IR to ``--output`` (default: next to the checkpoint, ``<name>.int8.xml``, where ``--runtime auto``
 of demo.py and evaluate.py finds it). ``--format onnx``: ONNX Runtime's QDQ graph
-(``<name>.int8.onnx``, evaluated under both ONNX Runtime and OpenVINO, whose int8 arithmetic
-differs). Then the fp32 model (PyTorch) and each int8 form are evaluated single-scale on the
-validation split, and the latency of every fp32, bf16 (CPUs with native bf16) and int8 form is
-measured at ``--bench-size`` (batch 1; forward + arg-max). The goal line, judged on the fastest
-int8 form: at most 0.5x the best fp32 latency, faster than the best bf16, with at most 0.5 mIoU
-points lost.
+(``<name>.int8.onnx``, weights in 7 bits where this CPU has no VNNI or AMX, see
+``lib/deployment/quantize.py``; evaluated under both ONNX Runtime and OpenVINO, whose int8
+arithmetic differs). Then the fp32 model (PyTorch) and each int8 form are evaluated
+single-scale on the validation split, and the latency of every fp32, bf16 (CPUs with native
+bf16) and int8 form is measured at ``--bench-size`` (batch 1; forward + arg-max). The goal line,
+judged on the fastest int8 form: at most 0.5x the best fp32 latency, faster than the best bf16,
+with at most 0.5 mIoU points lost.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ from lib.data.dataset import build_dataset, prepare_dataset
 from lib.data.datasets import DATASETS
 from lib.deployment.quantize import float_operations, quantize_onnx, quantize_openvino
 from lib.deployment.runtimes import RUNTIMES, RuntimeUnavailable, onnx_graph
-from lib.deployment.runtimes.torch_eager import TorchRuntime, cpu_has_native_bf16
+from lib.deployment.runtimes.torch_eager import (
+    TorchRuntime,
+    cpu_has_int8_dot_product,
+    cpu_has_native_bf16,
+)
 from lib.evaluation.command import decide_dataset
 from lib.evaluation.evaluator import EvalOptions, evaluate
 from lib.evaluation.metrics import iou_from_confusion
@@ -86,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="training images used to calibrate activation ranges")
     parser.add_argument("--calib-method", choices=["minmax", "percentile"], default="minmax",
                         help="activation ranges of --format onnx (NNCF chooses its own)")
+    parser.add_argument("--weight-bits", type=int, choices=[7, 8], default=None,
+                        help="weight range of --format onnx (default: 7 on CPUs without VNNI "
+                             "or AMX, whose int16 pair sums saturate with 8-bit weights; else 8)")
     parser.add_argument("--bench-size", nargs=2, type=int, default=[512, 1024],
                         metavar=("H", "W"), help="input size of the latency measurement")
     parser.add_argument("--repeats", type=int, default=7)
@@ -117,9 +125,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.format == "openvino":
             quantize_openvino(fp32_graph, output, batches, subset_size=args.calib_images)
         else:
-            quantize_onnx(fp32_graph, output, batches, args.calib_method)
+            weight_bits = args.weight_bits or (8 if cpu_has_int8_dot_product() else 7)
+            quantize_onnx(fp32_graph, output, batches, args.calib_method, weight_bits)
         print(f"wrote {output} (calibrated on {min(args.calib_images, len(train))} training "
-              f"images{'' if args.format == 'openvino' else ', ' + args.calib_method})")
+              f"images" + ("" if args.format == "openvino" else
+                           f", {args.calib_method}, {weight_bits}-bit weights") + ")")
         forms = {("torch", "fp32"): lambda: TorchRuntime(model)}
         if bf16:
             forms["torch", "bf16"] = lambda: TorchRuntime(model, cpu, "bf16")

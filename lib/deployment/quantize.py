@@ -12,6 +12,14 @@ OpenVINO's int8 pooling pads with the quantised 0, the bottom of the range, inst
 that stands for 0.0, so each padded tap adds the range's lower end / the kernel's taps to a
 border output. On a random-weight BiSeNetV2 that alone took the arg-max agreement with fp32
 from 97% to 70% (``tests/test_quantize.py``).
+
+Weights in 7 bits on CPUs without int8 dot products (``quantize_onnx(weight_bits=7)``, ONNX
+Runtime's ``reduce_range``): there (AVX2) the kernels sum two uint8 x int8 products in int16
+(``vpmaddubsw``), which saturates: 2 x 255 x 127 = 64770 > 32767, while 2 x 255 x 64 = 32640 fits.
+On the quickstart BiSeNetV2 the QDQ graph lost 1.7 mIoU points under ONNX Runtime and 3.0 under
+OpenVINO with 8-bit weights on an AVX2 CPU, 0.24 and 0.26 with 7-bit ones. VNNI and AMX sum in
+int32, so there the weights keep 8 bits. NNCF's path handles the same problem itself (its
+overflow fix halves the first layer's weight range).
 """
 
 from __future__ import annotations
@@ -25,10 +33,13 @@ import numpy as np
 
 
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path,
-                  calibration: Iterable[np.ndarray], method: str = "minmax") -> Path:
+                  calibration: Iterable[np.ndarray], method: str = "minmax",
+                  weight_bits: int = 8) -> Path:
     """Write the int8 QDQ version of ``fp32_path`` to ``int8_path``, calibrating activation
     ranges on ``calibration`` (normalised float32 [N, 3, H, W] batches, any sizes).
-    ``method``: ``minmax`` or ``percentile`` (99.999th, ignores rare outliers)."""
+    ``method``: ``minmax`` or ``percentile`` (99.999th, ignores rare outliers). ``weight_bits``
+    7 (ONNX Runtime's ``reduce_range``) for CPUs without VNNI or AMX (see the module's
+    docstring)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -39,6 +50,8 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path,
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits!r}")
     if method not in methods:
         raise ValueError(f"calibration method must be one of {', '.join(methods)}, "
                          f"got {method!r}")
@@ -62,6 +75,7 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path,
         quantize_static(str(prepared), str(partial), Batches(iter(calibration)),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True,
+                        reduce_range=weight_bits == 7,
                         calibrate_method=methods[method])
         graph = onnx.load(str(partial))
         _padded_pools_read_float(graph.graph)

@@ -18,20 +18,34 @@ from lib.deployment.runtimes.base import Runtime
 HALF_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def cpu_has_native_bf16() -> bool:
-    """The CPU computes bf16 products natively (AVX512-BF16 or AMX-BF16): only there does bf16
-    pay; elsewhere oneDNN emulates it, slower than fp32."""
-    flags = set()
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (None where it cannot be read: not Linux)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:  # not Linux: ask oneDNN
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU computes bf16 products natively (AVX512-BF16 or AMX-BF16): only there does bf16
+    pay; elsewhere oneDNN emulates it, slower than fp32."""
+    flags = cpu_flags()
+    if flags is None:  # not Linux: ask oneDNN
         return bool(torch.backends.mkldnn.is_available()
                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8_dot_product() -> bool:
+    """The CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX-INT8), which sum
+    uint8 x int8 products exactly in int32; without them (AVX2) pairs of products are summed in
+    int16 with saturation. Unknown (not Linux): assumed present."""
+    flags = cpu_flags()
+    return flags is None or bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 class TorchRuntime(Runtime):
