@@ -164,7 +164,7 @@ def test_device_normalisation_is_bit_identical_to_the_workers(toy_root):
     assert padded  # scales down to 0.25 of 96x192: some crops were padded
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_normalisation_is_bit_identical_to_the_workers(toy_root):
     small, reference = _uint8_and_float_crops(toy_root, range(8))
     normaliser = BatchNormaliser(TrainConfig().data.mean, TrainConfig().data.std, "cuda")
